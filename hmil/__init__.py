@@ -1,0 +1,1 @@
+"""Hierarchical multiple-instance learning for whole-slide images."""

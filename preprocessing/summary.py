@@ -1,0 +1,68 @@
+"""Cohort summary of patching (`python -m preprocessing.summary`).
+
+Reads the attributes of every patches h5 and writes one table of per-slide statistics
+and one of the slides that failed or gave no patches, so a cohort run says plainly
+which slides were left out and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import h5py
+import pandas as pd
+
+from preprocessing.atomic import atomic_outputs
+from preprocessing.cli import run_cli, setup_logging
+from preprocessing.errors import PipelineError
+
+COLUMNS = [
+    "slide_id", "status", "status_reason", "n_patches", "tissue_area_mm2", "slide_mpp",
+    "mpp_source", "level0_width", "level0_height", "slide_path", "code_version",
+]  # fmt: skip
+
+
+def read_patch_stats(paths: list[Path]) -> pd.DataFrame:
+    rows = []
+    for path in paths:
+        try:
+            with h5py.File(path, "r") as h5:
+                attrs = {key: h5.attrs[key] for key in COLUMNS if key in h5.attrs}
+        except OSError as err:
+            raise PipelineError(f"{path}: not a readable patches file ({err})") from None
+        rows.append(
+            {
+                key: (value.item() if hasattr(value, "item") else value)
+                for key, value in attrs.items()
+            }
+        )
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocessing.summary", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("patches", nargs="+", type=Path, help="patches h5 files")
+    parser.add_argument("--out", type=Path, required=True, help="per-slide statistics CSV")
+    parser.add_argument("--failed", type=Path, required=True, help="CSV of failed or empty slides")
+    args = parser.parse_args(argv)
+    setup_logging()
+    stats = read_patch_stats(args.patches)
+    problems = stats[stats["status"] != "ok"][["slide_id", "status", "status_reason", "slide_path"]]
+    with atomic_outputs(args.failed, args.out) as (failed_tmp, out_tmp):
+        problems.to_csv(failed_tmp, index=False)
+        stats.to_csv(out_tmp, index=False)
+    ok = stats[stats["status"] == "ok"]
+    print(
+        f"{len(ok)}/{len(stats)} slides patched: {int(ok['n_patches'].sum())} patches, "
+        f"{ok['tissue_area_mm2'].sum():.1f} mm² of tissue"
+    )
+    for row in problems.itertuples():
+        print(f"warning: {row.slide_id}: {row.status} ({row.status_reason}) [{row.slide_path}]")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

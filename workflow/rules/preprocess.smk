@@ -1,0 +1,48 @@
+rule patch:
+    input:
+        slide=slide_file,
+    output:
+        patches=f"{OUTDIR}/patches/{{slide}}.h5",
+        qc=report(
+            f"{OUTDIR}/qc/{{slide}}.png",
+            caption="../report/qc.rst",
+            category="1. Preprocessing",
+            subcategory="Tissue and patch grid",
+            labels={"slide": "{slide}"},
+        ),
+        geojson=f"{OUTDIR}/tissue/{{slide}}.geojson",
+    params:
+        slide=lambda wildcards: SLIDES.loc[wildcards.slide, "path"],
+        args=patch_arguments,
+    log:
+        f"{OUTDIR}/logs/patch/{{slide}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/preprocess.yaml"
+    shell:
+        "python -m preprocessing.patch {params.slide:q} --slide-id {wildcards.slide}"
+        " --out {output.patches:q} --qc {output.qc:q} --geojson {output.geojson:q}"
+        " {params.args} > {log:q} 2>&1"
+
+
+rule preprocess_summary:
+    input:
+        expand(f"{OUTDIR}/patches/{{slide}}.h5", slide=SLIDE_IDS),
+    output:
+        stats=report(
+            f"{OUTDIR}/preprocessing/slides.csv",
+            caption="../report/preprocess_summary.rst",
+            category="1. Preprocessing",
+            subcategory="Cohort",
+        ),
+        failed=f"{OUTDIR}/preprocessing/failed_slides.csv",
+    log:
+        f"{OUTDIR}/logs/preprocess_summary.log",
+    conda:
+        "../../envs/preprocess.yaml"
+    shell:
+        "python -m preprocessing.summary {input:q} --out {output.stats:q}"
+        " --failed {output.failed:q} 2>&1 | tee {log:q}"
