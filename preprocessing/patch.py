@@ -161,7 +161,7 @@ def patch_attributes(result: SlidePatches, params: PatchParams) -> dict:
         "downsample": np.array([result.patch_downsample, result.patch_downsample]),
         "level_dim": np.array(result.patch_level_size, dtype=np.int64),
         # Physical grid and provenance
-        "patch_size_level0": int(round(grid.patch_size_level0)),
+        "patch_size_level0": round(grid.patch_size_level0),
         "patch_size_level0_exact": grid.patch_size_level0,
         "step_level0": grid.step_level0,
         "target_mpp": params.target_mpp,
@@ -208,8 +208,9 @@ def write_outputs(
             caption = [
                 f"{result.slide_id}   {result.level0_size[0]} x {result.level0_size[1]} px   "
                 f"mpp {result.mpp.value:.4g} ({result.mpp.source})",
-                f"{attrs['n_patches']} patches of {params.patch_size} px at {params.target_mpp} um/px"
-                f" (min tissue {params.min_tissue:.0%})   tissue {attrs['tissue_area_mm2']:.2f} mm2"
+                f"{attrs['n_patches']} patches of {params.patch_size} px"
+                f" at {params.target_mpp} um/px (min tissue {params.min_tissue:.0%})"
+                f"   tissue {attrs['tissue_area_mm2']:.2f} mm2"
                 + (f"   [{result.status_reason}]" if result.status_reason else ""),
             ]
             image = render_qc(

@@ -33,7 +33,8 @@ def read_slide_sheet(path: str | Path, require_labels: bool = True) -> pd.DataFr
     if missing:
         raise SheetError(
             f"{path}: missing column(s) {', '.join(missing)}; "
-            f"expected {', '.join(REQUIRED_COLUMNS)} (+ optional mpp), found {', '.join(sheet.columns)}"
+            f"expected {', '.join(REQUIRED_COLUMNS)} (+ optional mpp), "
+            f"found {', '.join(sheet.columns)}"
         )
     if sheet.empty:
         raise SheetError(f"{path}: the sheet has no slides")

@@ -183,9 +183,9 @@ def read_at_mpp(
     try:
         for o0 in range(0, out_h, out_step):
             o1 = min(out_h, o0 + out_step)
-            s0 = int(math.floor(o0 * rows_per_out))
-            s1 = min(level_h, max(s0 + 1, int(math.ceil(o1 * rows_per_out))))
-            strip = read_rgb(slide, (0, int(round(s0 * downsample))), level, (level_w, s1 - s0))
+            s0 = math.floor(o0 * rows_per_out)
+            s1 = min(level_h, max(s0 + 1, math.ceil(o1 * rows_per_out)))
+            strip = read_rgb(slide, (0, round(s0 * downsample)), level, (level_w, s1 - s0))
             interp = cv2.INTER_AREA if rows_per_out >= 1 else cv2.INTER_LINEAR
             out[o0:o1] = cv2.resize(strip, (out_w, o1 - o0), interpolation=interp)
     except openslide.OpenSlideError as err:

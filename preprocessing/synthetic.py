@@ -107,7 +107,7 @@ def _hash_uniform(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _separable_sin(fx: float, x: np.ndarray, fy: float, y: np.ndarray, phase: float = 0.0):
-    """sin(fx·x + fy·y + phase) on the (y, x) grid from 1-D factors: four 1-D sines, one outer sum."""
+    """sin(fx·x + fy·y + phase) on the (y, x) grid, built from 1-D sines and two outer products."""
     ax, ay = fx * x + phase, fy * y
     return np.outer(np.cos(ay), np.sin(ax)) + np.outer(np.sin(ay), np.cos(ax))
 

@@ -65,7 +65,7 @@ def _drop_small_components(binary: np.ndarray, min_pixels: float, keep_border: b
     With `keep_border`, components touching the image border are kept whatever their size
     (used for background: only enclosed background is a hole).
     """
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    _count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_pixels
     if keep_border:
         border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
