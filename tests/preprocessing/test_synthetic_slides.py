@@ -13,7 +13,7 @@ from preprocessing.synthetic import BACKGROUND_RGB, Ellipse, SlideSpec, tissue_a
 
 
 def test_generated_slide_is_a_jpeg_pyramid_with_mpp(synthetic_slide):
-    path, spec = synthetic_slide
+    path, _spec = synthetic_slide
     slide = openslide.OpenSlide(str(path))
     assert slide.dimensions == (12000, 9000)
     assert slide.level_count >= 4

@@ -9,14 +9,15 @@ from snakemake.utils import validate
 PROJECT_ROOT = Path(workflow.basedir).parent
 # Rules call `python -m preprocessing.<module>`; make the project importable in every
 # job, including per-rule conda envs where it is not pip-installed.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        p for p in (str(PROJECT_ROOT), os.getenv("PYTHONPATH")) if p
+    )
 )
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from preprocessing.errors import SheetError  # noqa: E402
 from preprocessing.sheet import read_slide_sheet  # noqa: E402
-
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 

@@ -11,17 +11,17 @@ rule patch:
             labels={"slide": "{slide}"},
         ),
         geojson=f"{OUTDIR}/tissue/{{slide}}.geojson",
-    params:
-        slide=lambda wildcards: SLIDES.loc[wildcards.slide, "path"],
-        args=patch_arguments,
     log:
         f"{OUTDIR}/logs/patch/{{slide}}.log",
+    conda:
+        "../../envs/preprocess.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/preprocess.yaml"
+    params:
+        slide=lambda wildcards: SLIDES.loc[wildcards.slide, "path"],
+        args=patch_arguments,
     shell:
         "python -m preprocessing.patch {params.slide:q} --slide-id {wildcards.slide}"
         " --out {output.patches:q} --qc {output.qc:q} --geojson {output.geojson:q}"
