@@ -12,28 +12,29 @@ import pandas as pd
 import pytest
 import yaml
 
+from preprocessing.synthetic import DEMO_CLASSES, write_cohort
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.workflow
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def make_cohort(folder: Path, small_slide_factory, fixture_slides) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(3):
-        source = small_slide_factory(f"s{i}.tiff")
-        shutil.copy(source, folder / source.name)
-        rows.append((f"s{i}", source.name, f"p{i // 2}", "IC", ""))
+def make_cohort(folder: Path, fixture_slides) -> Path:
+    """The demo cohort generator's slides plus two problem slides, as users would list them."""
+    sheet_path = write_cohort(folder, n_slides=3, width=3000, height=2000, seed=1)
+    sheet = pd.read_csv(sheet_path)
     shutil.copy(fixture_slides / "unreadable.svs", folder / "broken.svs")
-    rows.append(("broken", "broken.svs", "p9", "N", ""))
     shutil.copy(fixture_slides / "boxes.tiff", folder / "boxes.tiff")
-    rows.append(("boxes", "boxes.tiff", "p8", "N", "0.5"))  # implausible file mpp, override
-    sheet = folder / "slides.csv"
-    pd.DataFrame(rows, columns=["slide_id", "path", "patient_id", "label", "mpp"]).to_csv(
-        sheet, index=False
+    extra = pd.DataFrame(
+        [
+            ("broken", "broken.svs", "P90", "normal", None),
+            ("boxes", "boxes.tiff", "P91", "normal", 0.5),  # implausible file mpp, override
+        ],
+        columns=["slide_id", "path", "patient_id", "label", "mpp"],
     )
-    return sheet
+    pd.concat([sheet, extra]).to_csv(sheet_path, index=False)
+    return sheet_path
 
 
 def write_config(folder: Path, sheet: Path, strict: bool = False) -> Path:
@@ -60,8 +61,8 @@ def snakemake(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True)
 
 
-def test_cohort_completes_and_reports_the_bad_slide(tmp_path, small_slide_factory, fixture_slides):
-    sheet = make_cohort(tmp_path / "cohort", small_slide_factory, fixture_slides)
+def test_cohort_completes_and_reports_the_bad_slide(tmp_path, fixture_slides):
+    sheet = make_cohort(tmp_path / "cohort", fixture_slides)
     config = write_config(tmp_path, sheet)
     done = snakemake(config)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -69,12 +70,12 @@ def test_cohort_completes_and_reports_the_bad_slide(tmp_path, small_slide_factor
     stats = pd.read_csv(results / "preprocessing" / "slides.csv").set_index("slide_id")
     assert stats.loc["broken", "status"] == "failed"
     assert "tile data cannot be read" in stats.loc["broken", "status_reason"]
-    assert (stats.loc[["s0", "s1", "s2"], "status"] == "ok").all()
-    assert (stats.loc[["s0", "s1", "s2"], "n_patches"] > 10).all()
+    assert (stats.loc[["slide_000", "slide_001", "slide_002"], "status"] == "ok").all()
+    assert (stats.loc[["slide_000", "slide_001", "slide_002"], "n_patches"] > 0).all()
     assert stats.loc["boxes", "mpp_source"] == "override"
     failed = pd.read_csv(results / "preprocessing" / "failed_slides.csv")
     assert set(failed["slide_id"]) == {"broken", "boxes"}  # boxes: no tissue in 300 px
-    for slide in ("s0", "s1", "s2", "broken", "boxes"):
+    for slide in ("slide_000", "slide_001", "slide_002", "broken", "boxes"):
         assert (results / "qc" / f"{slide}.png").stat().st_size > 0
         with h5py.File(results / "patches" / f"{slide}.h5") as h5:
             assert h5.attrs["slide_id"] == slide
@@ -88,8 +89,8 @@ def test_cohort_completes_and_reports_the_bad_slide(tmp_path, small_slide_factor
     assert (tmp_path / "report.html").stat().st_size > 10_000
 
 
-def test_strict_mode_stops_at_the_bad_slide(tmp_path, small_slide_factory, fixture_slides):
-    sheet = make_cohort(tmp_path / "cohort", small_slide_factory, fixture_slides)
+def test_strict_mode_stops_at_the_bad_slide(tmp_path, fixture_slides):
+    sheet = make_cohort(tmp_path / "cohort", fixture_slides)
     config = write_config(tmp_path, sheet, strict=True)
     done = snakemake(config)
     assert done.returncode != 0
@@ -98,13 +99,13 @@ def test_strict_mode_stops_at_the_bad_slide(tmp_path, small_slide_factory, fixtu
     assert "error:" in log and "broken.svs: tile data cannot be read" in log
 
 
-def test_missing_slide_file_is_recorded_not_fatal(tmp_path, small_slide_factory, fixture_slides):
-    sheet = make_cohort(tmp_path / "cohort", small_slide_factory, fixture_slides)
-    (tmp_path / "cohort" / "s2.tiff").unlink()
+def test_missing_slide_file_is_recorded_not_fatal(tmp_path, fixture_slides):
+    sheet = make_cohort(tmp_path / "cohort", fixture_slides)
+    (tmp_path / "cohort" / "slides" / "slide_002.tiff").unlink()
     done = snakemake(write_config(tmp_path, sheet))
     assert done.returncode == 0, done.stderr[-3000:]
     stats = pd.read_csv(tmp_path / "results" / "preprocessing" / "slides.csv").set_index("slide_id")
-    assert stats.loc["s2", "status_reason"] == "file not found"
+    assert stats.loc["slide_002", "status_reason"] == "file not found"
 
 
 @pytest.mark.parametrize(
@@ -149,3 +150,13 @@ def test_workflow_passes_lint_and_snakefmt():
         text=True,
     )
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_demo_cohort_has_labels_patients_and_readable_slides(tmp_path):
+    sheet = pd.read_csv(write_cohort(tmp_path, n_slides=14, width=1024, height=1024, seed=3))
+    assert len(sheet) == 14 and sheet["slide_id"].is_unique
+    assert set(sheet["label"]) == set(DEMO_CLASSES)
+    assert (sheet.groupby("patient_id").size() > 1).any()  # patients with several slides
+    assert sheet.groupby("patient_id")["label"].nunique().max() == 1
+    for path in sheet["path"]:
+        assert (tmp_path / path).stat().st_size > 0
