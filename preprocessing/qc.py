@@ -92,6 +92,6 @@ def render_failure(slide_label: str, message: str) -> np.ndarray:
 
 def write_png(path, rgb: np.ndarray) -> None:
     if not cv2.imwrite(
-        str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3]
+        str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
     ):
         raise OSError(f"cv2 could not write {path}")

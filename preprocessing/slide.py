@@ -153,8 +153,10 @@ def read_rgb(
 ):
     """RGB uint8 array of a region; transparent pixels (outside scanned area) become white."""
     rgba = np.asarray(slide.read_region(location, level, size))
-    rgb = rgba[..., :3].copy()
-    rgb[rgba[..., 3] == 0] = 255
+    rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+    transparent = rgba[..., 3] == 0
+    if transparent.any():
+        rgb[transparent] = 255
     return rgb
 
 

@@ -1,0 +1,377 @@
+"""HMIL's loss terms, their schedules, and their weighted sum (docs/hmil-method.md, "Losses").
+
+Each term is a small pure function on tensors. :class:`HMILLoss` combines them with the
+weights and schedules of a :class:`LossConfig`; the default is the method's total
+
+    L = α(e)·L_ce^c + L_ce^f + L_ba + L_ia + (1 − α(e))·L_con,
+
+and every ablation of the paper is a preset in ``config/loss_presets.yaml``.
+
+Decisions where the method leaves a choice (documented defaults, each behind a switch):
+- L_ba uses the intended form NLL(log Mᵀ softmax(z_f), y_c); ``bag_alignment_form =
+  "reference"`` gives the reference code's cross-entropy over the probabilities q.
+- L_con is *not* divided by the batch size B (standard SupCon, so its weight does not
+  change with B); ``contrastive_divide_by_batch = True`` gives the reference code's /B.
+- L_con averages over anchors that have at least one positive; with no positive at all
+  it is 0 (never NaN). With C_f ≥ 2 class slots per bag every anchor has a positive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from hmil.models.output import MILOutput, coarse_probs_from_fine
+
+LOSS_PRESETS_PATH = Path(__file__).resolve().parents[1] / "config" / "loss_presets.yaml"
+
+TERMS = ("coarse_ce", "fine_ce", "bag_alignment", "instance_alignment", "contrastive")
+
+# ---- schedules -------------------------------------------------------------------------------
+
+
+def curriculum_weight(epoch: int, num_epochs: int) -> float:
+    """α(e) = 1 − (e/E)²: 1 at the start (coarse first), falling towards 0 (then fine)."""
+    _check_epochs(epoch, num_epochs)
+    return 1.0 - (epoch / num_epochs) ** 2
+
+
+def temperature_schedule(epoch: int, num_epochs: int, low: float = 0.1, high: float = 1.0) -> float:
+    """τ(e) = low + (high − low)·(1 + cos(2πe/E))/2: high at e = 0, low at E/2, back up."""
+    _check_epochs(epoch, num_epochs)
+    return low + (high - low) * (1.0 + math.cos(2.0 * math.pi * epoch / num_epochs)) / 2.0
+
+
+def _check_epochs(epoch: int, num_epochs: int) -> None:
+    if num_epochs <= 0:
+        raise ValueError(f"num_epochs must be positive, got {num_epochs}")
+    if not 0 <= epoch < num_epochs:
+        # Past E the curriculum weight turns negative: fail rather than train on it.
+        raise ValueError(f"epoch must be in 0..{num_epochs - 1}, got {epoch}")
+
+
+WEIGHT_SCHEDULES = {
+    "curriculum": curriculum_weight,
+    "anti_curriculum": lambda epoch, num_epochs: 1.0 - curriculum_weight(epoch, num_epochs),
+}
+
+# ---- terms -----------------------------------------------------------------------------------
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, C] against class indices [B] (L_ce^c or L_ce^f)."""
+    return F.cross_entropy(logits, labels)
+
+
+def bag_alignment_loss(
+    fine_logits: torch.Tensor,
+    coarse_labels: torch.Tensor,
+    membership: torch.Tensor,
+    form: Literal["nll", "reference"] = "nll",
+) -> torch.Tensor:
+    """L_ba: the fine prediction, summed inside each coarse group, must match the coarse label.
+
+    q = Mᵀ softmax(z_f) per bag ([B, C_c]).
+    - ``"nll"`` (intended, default): mean of −log q[y_c], computed in log space
+      (logsumexp of the fine log-probabilities inside the group) so it stays finite.
+    - ``"reference"``: the reference code's cross-entropy applied to q itself,
+      mean of −q[y_c] + log Σ_k exp q[k]. It is bounded and weaker; use it to reproduce.
+
+    Args:
+        fine_logits: [B, C_f]. coarse_labels: [B] int64. membership: M [C_f, C_c].
+    """
+    membership = membership.to(fine_logits.device)
+    if form == "nll":
+        fine_log_probs = torch.log_softmax(fine_logits, dim=-1)  # [B, C_f]
+        in_group = membership.bool().unsqueeze(0)  # [1, C_f, C_c]
+        masked = fine_log_probs.unsqueeze(-1).masked_fill(~in_group, float("-inf"))
+        coarse_log_probs = torch.logsumexp(masked, dim=1)  # [B, C_c] = log q
+        return F.nll_loss(coarse_log_probs, coarse_labels)
+    if form == "reference":
+        coarse_probs = coarse_probs_from_fine(torch.softmax(fine_logits, dim=-1), membership)
+        return F.cross_entropy(coarse_probs, coarse_labels)
+    raise ValueError(f"bag_alignment_form must be 'nll' or 'reference', got {form!r}")
+
+
+def instance_alignment_loss(
+    coarse_attention: Sequence[torch.Tensor],
+    fine_attention: Sequence[torch.Tensor],
+    membership: torch.Tensor,
+) -> torch.Tensor:
+    """L_ia: each instance's coarse attention should point where its grouped fine attention does.
+
+    For bag b with A_c [C_c, N_b] and A_f [C_f, N_b], Â = Mᵀ A_f [C_c, N_b];
+    loss_b = mean over instances n of 1 − cos(A_c[:, n], Â[:, n]); L_ia = mean over bags.
+    Bags are concatenated along N and reduced per bag with an index sum (no Python loop
+    over instances or classes).
+    """
+    if len(coarse_attention) != len(fine_attention) or not coarse_attention:
+        raise ValueError("need one coarse and one fine attention map per bag (at least one bag)")
+    num_fine, num_coarse = membership.shape
+    for coarse, fine in zip(coarse_attention, fine_attention, strict=True):
+        if coarse.shape[0] != num_coarse or fine.shape[0] != num_fine:
+            raise ValueError(
+                f"instance alignment needs attention [C_c={num_coarse}, N] and "
+                f"[C_f={num_fine}, N], got {tuple(coarse.shape)} and {tuple(fine.shape)}"
+            )
+        if coarse.shape[1] != fine.shape[1]:
+            raise ValueError(
+                f"attention maps of one bag differ in N: {coarse.shape[1]} vs {fine.shape[1]}"
+            )
+    coarse_all = torch.cat(list(coarse_attention), dim=1)  # [C_c, ΣN]
+    fine_all = torch.cat(list(fine_attention), dim=1)  # [C_f, ΣN]
+    grouped_fine = membership.to(fine_all).transpose(0, 1) @ fine_all  # [C_c, ΣN]
+    per_instance = 1.0 - F.cosine_similarity(coarse_all, grouped_fine, dim=0)  # [ΣN]
+    bag_sizes = torch.tensor([a.shape[1] for a in coarse_attention], device=per_instance.device)
+    bag_of_instance = torch.repeat_interleave(bag_sizes, output_size=len(per_instance))
+    per_bag = torch.zeros(len(bag_sizes), dtype=per_instance.dtype, device=per_instance.device)
+    per_bag = per_bag.index_add(0, bag_of_instance, per_instance) / bag_sizes
+    return per_bag.mean()
+
+
+def supervised_contrastive_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    base_temperature: float = 0.1,
+    divide_by_batch: bool = False,
+) -> torch.Tensor:
+    """L_con: supervised contrastive loss (Khosla et al. 2020), every vector an anchor ("all").
+
+    Args:
+        embeddings: [B, K, d] L2-normalised vectors, K views per bag (HMIL: the C_f
+            class slots).
+        labels: [B] fine label of each bag.
+        temperature: τ of the similarity logits.
+        base_temperature: the loss is scaled by τ / base_temperature (0.1).
+        divide_by_batch: further divide by B, as the reference code does (off by default).
+
+    For anchor i among the B·K vectors: positives P(i) are all other vectors from bags
+    with the same label (other slots of the same bag included); the denominator runs over
+    every other vector (positives and negatives, i.e. vectors of other-label bags).
+        ℓ_i = −(τ/τ_0) · mean_{p∈P(i)} [ s_ip/τ − log Σ_{a≠i} exp(s_ia/τ) ]
+    The loss is the mean of ℓ_i over anchors with |P(i)| > 0, and 0 if there are none.
+    """
+    batch_size, num_views, _ = embeddings.shape
+    vectors = embeddings.reshape(batch_size * num_views, -1)  # bag-major: row b·K + k
+    vector_labels = labels.to(embeddings.device).repeat_interleave(num_views)
+    logits = vectors @ vectors.transpose(0, 1) / temperature
+    is_self = torch.eye(len(vectors), dtype=torch.bool, device=vectors.device)
+    log_denominator = torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1)
+    log_prob = logits - log_denominator.unsqueeze(1)
+    is_positive = (vector_labels.unsqueeze(0) == vector_labels.unsqueeze(1)) & ~is_self
+    num_positives = is_positive.sum(dim=1)
+    has_positive = num_positives > 0
+    if not bool(has_positive.any()):
+        return embeddings.sum() * 0.0  # keeps the graph; no pair to contrast
+    # where() rather than a product: the diagonal of log_prob is not finite for B·K = 1.
+    positive_log_prob = torch.where(is_positive, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
+    mean_log_prob_pos = positive_log_prob[has_positive] / num_positives[has_positive]
+    loss = -(temperature / base_temperature) * mean_log_prob_pos.mean()
+    return loss / batch_size if divide_by_batch else loss
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+Weight = float | str  # a constant, or the name of a WEIGHT_SCHEDULES entry
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and schedules of every loss term. Defaults are the method's total loss.
+
+    A weight is a number (constant) or a schedule name: ``curriculum`` (α(e)) or
+    ``anti_curriculum`` (1 − α(e)). A weight of 0 switches its term off (not computed).
+    ``temperature`` is a number (constant τ) or ``cosine`` (:func:`temperature_schedule`).
+    """
+
+    coarse_ce: Weight = "curriculum"
+    fine_ce: Weight = 1.0
+    bag_alignment: Weight = 1.0
+    instance_alignment: Weight = 1.0
+    contrastive: Weight = "anti_curriculum"
+    temperature: float | str = "cosine"
+    base_temperature: float = 0.1
+    bag_alignment_form: Literal["nll", "reference"] = "nll"
+    contrastive_divide_by_batch: bool = False
+
+    def __post_init__(self) -> None:
+        for term in TERMS:
+            weight = getattr(self, term)
+            if isinstance(weight, bool) or not isinstance(weight, int | float | str):
+                raise ValueError(
+                    f"loss weight {term}: expected a number or schedule, got {weight!r}"
+                )
+            if isinstance(weight, str) and weight not in WEIGHT_SCHEDULES:
+                raise ValueError(
+                    f"loss weight {term}: unknown schedule {weight!r} "
+                    f"(schedules: {', '.join(WEIGHT_SCHEDULES)})"
+                )
+            if not isinstance(weight, str) and weight < 0:
+                raise ValueError(f"loss weight {term} must be ≥ 0, got {weight}")
+        if isinstance(self.temperature, str):
+            if self.temperature != "cosine":
+                raise ValueError(
+                    f"temperature: expected a number or 'cosine', got {self.temperature!r}"
+                )
+        elif self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.base_temperature <= 0:
+            raise ValueError(f"base_temperature must be positive, got {self.base_temperature}")
+        if self.bag_alignment_form not in ("nll", "reference"):
+            raise ValueError(
+                f"bag_alignment_form must be 'nll' or 'reference', got {self.bag_alignment_form!r}"
+            )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "loss config") -> LossConfig:
+        """Build from a mapping of field overrides; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+            )
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str, path: str | Path = LOSS_PRESETS_PATH) -> LossConfig:
+        """A named preset from ``config/loss_presets.yaml`` (fields not given: defaults)."""
+        presets = load_loss_presets(path)
+        if name not in presets:
+            raise ValueError(
+                f"{path}: unknown loss preset {name!r} (presets: {', '.join(presets)})"
+            )
+        return presets[name]
+
+    def is_enabled(self, term: str) -> bool:
+        """False only for a constant weight of 0: such a term is never computed."""
+        weight = getattr(self, term)
+        return isinstance(weight, str) or weight != 0
+
+    def weight_at(self, term: str, epoch: int, num_epochs: int) -> float:
+        """The weight of ``term`` at epoch ``epoch`` of ``num_epochs``."""
+        weight = getattr(self, term)
+        if isinstance(weight, str):
+            return WEIGHT_SCHEDULES[weight](epoch, num_epochs)
+        return float(weight)
+
+    def temperature_at(self, epoch: int, num_epochs: int) -> float:
+        """τ at epoch ``epoch`` of ``num_epochs``."""
+        if self.temperature == "cosine":
+            return temperature_schedule(epoch, num_epochs)
+        return float(self.temperature)
+
+
+def load_loss_presets(path: str | Path = LOSS_PRESETS_PATH) -> dict[str, LossConfig]:
+    """All presets of a loss-preset YAML file (``name: {field: value, ...}``), validated."""
+    path = Path(path)
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{path}: expected a mapping of preset name → settings")
+    return {
+        str(name): LossConfig.from_mapping(values or {}, source=f"{path}: preset {name!r}")
+        for name, values in spec.items()
+    }
+
+
+# ---- the total -------------------------------------------------------------------------------
+
+
+class HMILLoss(nn.Module):
+    """Weighted sum of the HMIL loss terms over a batch of bags.
+
+    Args:
+        membership: M [C_f, C_c] of the hierarchy (a buffer: moves with ``.to(device)``).
+        num_epochs: E, the length of the schedules.
+        config: weights, schedules and switches (default: the method's total loss).
+
+    Call with the model outputs of B bags, their fine labels [B] (and optionally coarse
+    labels [B], otherwise derived through M) and the epoch e. Returns a dict with each
+    enabled term, unweighted (for logging), and ``total``, the weighted sum. A term whose
+    weight is 0 at this epoch is reported but left out of the total.
+    """
+
+    def __init__(
+        self, membership: torch.Tensor, num_epochs: int, config: LossConfig | None = None
+    ) -> None:
+        super().__init__()
+        self.register_buffer("membership", torch.as_tensor(membership, dtype=torch.float32))
+        self.num_epochs = num_epochs
+        self.config = config if config is not None else LossConfig()
+
+    def weights(self, epoch: int) -> dict[str, float]:
+        """Weight of each enabled term at ``epoch``."""
+        return {
+            term: self.config.weight_at(term, epoch, self.num_epochs)
+            for term in TERMS
+            if self.config.is_enabled(term)
+        }
+
+    def temperature(self, epoch: int) -> float:
+        return self.config.temperature_at(epoch, self.num_epochs)
+
+    def forward(
+        self,
+        outputs: Sequence[MILOutput],
+        fine_labels: torch.Tensor,
+        epoch: int,
+        coarse_labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if not outputs:
+            raise ValueError("HMILLoss needs the outputs of at least one bag")
+        fine_logits = torch.stack([o.fine_logits for o in outputs])  # [B, C_f]
+        device = fine_logits.device  # follow the model, even if this module was not moved
+        membership = self.membership.to(device)
+        fine_labels = fine_labels.to(device)
+        if coarse_labels is None:
+            coarse_labels = membership.argmax(dim=1)[fine_labels]
+        coarse_labels = coarse_labels.to(device)
+
+        terms: dict[str, torch.Tensor] = {}
+        if self.config.is_enabled("coarse_ce"):
+            coarse_logits = torch.stack([_required(o.coarse_logits, "coarse_ce") for o in outputs])
+            terms["coarse_ce"] = classification_loss(coarse_logits, coarse_labels)
+        if self.config.is_enabled("fine_ce"):
+            terms["fine_ce"] = classification_loss(fine_logits, fine_labels)
+        if self.config.is_enabled("bag_alignment"):
+            terms["bag_alignment"] = bag_alignment_loss(
+                fine_logits, coarse_labels, membership, self.config.bag_alignment_form
+            )
+        if self.config.is_enabled("instance_alignment"):
+            terms["instance_alignment"] = instance_alignment_loss(
+                [_required(o.coarse_attention, "instance_alignment") for o in outputs],
+                [o.fine_attention for o in outputs],
+                membership,
+            )
+        if self.config.is_enabled("contrastive"):
+            terms["contrastive"] = supervised_contrastive_loss(
+                torch.stack([_required(o.embeddings, "contrastive") for o in outputs]),
+                fine_labels,
+                temperature=self.temperature(epoch),
+                base_temperature=self.config.base_temperature,
+                divide_by_batch=self.config.contrastive_divide_by_batch,
+            )
+
+        total = fine_logits.new_zeros(())
+        for term, weight in self.weights(epoch).items():
+            if weight != 0:
+                total = total + weight * terms[term]
+        return {**terms, "total": total}
+
+
+def _required(value: torch.Tensor | None, term: str) -> torch.Tensor:
+    if value is None:
+        raise ValueError(
+            f"loss term {term!r} needs a model output this model does not produce; "
+            f"set its weight to 0 (e.g. the 'flat' loss preset for flat baselines)"
+        )
+    return value

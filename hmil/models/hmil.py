@@ -1,0 +1,92 @@
+"""HMIL (Jin et al., IEEE TMI 2025): dual-branch MIL with class-wise gated attention.
+
+See docs/hmil-method.md ("Model"). For one bag X [N, D]:
+
+    H_c = W2 ReLU(W1 X)            [N, D]     coarse instance embedding (D → 256 → D)
+    H_f = W3 H_c                   [N, 256]   fine instance embedding
+    A_c = gated_attention(H_c)     [C_c, N]   one attention row per coarse class
+    A_f = gated_attention(H_f)     [C_f, N]   one attention row per fine class
+    B_c = A_c H_c, B_f = A_f H_f              class-wise bag embeddings (class slots)
+    z_c[k] = w_c · B_c[k], z_f[k] = w_f · B_f[k]   one shared linear scorer per branch
+    embeddings = B_f / ‖B_f‖ (row-wise)       C_f views per bag for the contrastive loss
+
+Cost is linear in N: attention is a softmax over instances, never an N×N product.
+
+The method text writes the scorers with a bias (+ b_c, + b_f). One scalar added to every
+class's logit cancels in every softmax the losses and predictions take, so it would get
+zero gradient and stay at its zero init; it is left out so every parameter trains.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hmil.models.layers import GatedAttention, check_bag, init_kaiming_
+from hmil.models.output import MILOutput
+from hmil.models.registry import register_model
+
+
+class HMIL(nn.Module):
+    """Hierarchical MIL: bag [N, in_dim] → MILOutput with fine and coarse logits/attention.
+
+    Args:
+        in_dim: feature dimension D of the bags.
+        num_fine, num_coarse: C_f and C_c of the hierarchy.
+        hidden_dim: width of the coarse embedding's hidden layer (256).
+        fine_dim: width of the fine embedding and of the class-slot embeddings (256).
+        coarse_attention_dim: hidden width of the coarse gated attention (256).
+        fine_attention_dim: hidden width of the fine gated attention (64).
+        dropout: dropout after the hidden ReLU and in the attention gates (paper: 0.25
+            when enabled); 0 (off) by default.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_fine: int,
+        num_coarse: int,
+        *,
+        hidden_dim: int = 256,
+        fine_dim: int = 256,
+        coarse_attention_dim: int = 256,
+        fine_attention_dim: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.coarse_embedding = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, in_dim),
+        )
+        self.fine_embedding = nn.Linear(in_dim, fine_dim)
+        self.coarse_attention = GatedAttention(in_dim, coarse_attention_dim, num_coarse, dropout)
+        self.fine_attention = GatedAttention(fine_dim, fine_attention_dim, num_fine, dropout)
+        self.coarse_scorer = nn.Linear(in_dim, 1, bias=False)
+        self.fine_scorer = nn.Linear(fine_dim, 1, bias=False)
+        init_kaiming_(self)
+
+    def forward(self, bag: torch.Tensor) -> MILOutput:
+        check_bag(bag, self.in_dim)
+        coarse_instances = self.coarse_embedding(bag)  # [N, D]
+        fine_instances = self.fine_embedding(coarse_instances)  # [N, fine_dim]
+        coarse_attention = self.coarse_attention(coarse_instances)  # [C_c, N]
+        fine_attention = self.fine_attention(fine_instances)  # [C_f, N]
+        coarse_slots = coarse_attention @ coarse_instances  # [C_c, D]
+        fine_slots = fine_attention @ fine_instances  # [C_f, fine_dim]
+        return MILOutput(
+            fine_logits=self.fine_scorer(fine_slots).squeeze(-1),
+            fine_attention=fine_attention,
+            coarse_logits=self.coarse_scorer(coarse_slots).squeeze(-1),
+            coarse_attention=coarse_attention,
+            embeddings=F.normalize(fine_slots, dim=-1),
+        )
+
+
+@register_model
+def hmil(in_dim: int, num_fine: int, num_coarse: int, **kwargs) -> HMIL:
+    """HMIL with the method's defaults (256/64 widths, no dropout)."""
+    return HMIL(in_dim, num_fine, num_coarse, **kwargs)

@@ -1,0 +1,47 @@
+"""Building blocks shared by the MIL models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GatedAttention(nn.Module):
+    """Gated attention pooling weights (Ilse et al. 2018) with one attention row per class.
+
+    Maps instance embeddings H [N, in_dim] to A [num_rows, N], each row a softmax over the
+    N instances: S = (tanh(H U) ⊙ sigmoid(H V)) W, A = softmax(Sᵀ). The score projection W
+    has no bias: a constant added to a row cancels in the softmax over instances, so such
+    a bias would never receive a gradient.
+    """
+
+    def __init__(self, in_dim: int, attention_dim: int, num_rows: int, dropout: float = 0.0):
+        super().__init__()
+        self.tanh_branch = nn.Sequential(
+            nn.Linear(in_dim, attention_dim), nn.Tanh(), nn.Dropout(dropout)
+        )
+        self.sigmoid_branch = nn.Sequential(
+            nn.Linear(in_dim, attention_dim), nn.Sigmoid(), nn.Dropout(dropout)
+        )
+        self.score = nn.Linear(attention_dim, num_rows, bias=False)
+
+    def forward(self, instances: torch.Tensor) -> torch.Tensor:
+        scores = self.score(self.tanh_branch(instances) * self.sigmoid_branch(instances))
+        return torch.softmax(scores.transpose(0, 1), dim=1)
+
+
+def init_kaiming_(module: nn.Module) -> None:
+    """Kaiming-normal weights and zero biases for every Linear layer in ``module``."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+def check_bag(bag: torch.Tensor, in_dim: int) -> None:
+    """Raise ValueError unless ``bag`` is one non-empty bag [N, in_dim]."""
+    if bag.ndim != 2 or bag.shape[1] != in_dim:
+        raise ValueError(f"expected one bag of shape [N, {in_dim}], got {tuple(bag.shape)}")
+    if bag.shape[0] == 0:
+        raise ValueError("empty bag (N = 0)")
