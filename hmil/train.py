@@ -1,0 +1,362 @@
+"""Train one MIL model on one fold of a DATA_SPLIT.csv and write its per-fold outputs.
+
+    python -m hmil.train --features DIR --splits DATA_SPLIT.csv --fold K --model hmil \
+        --hierarchy bracs --out models/uni/hmil/fold0 [--epochs 200] [--seed 0]
+
+Outputs in --out, each written atomically: model.pt (best weights by validation fine
+macro AUC), predictions.csv (val and test slides), metrics.json, attention.h5 (test
+slides), log.csv (one row per epoch), and last.pt (the resume checkpoint, rewritten
+every epoch). Rerunning the same command resumes from last.pt; a run whose outputs are
+complete and were made with the same settings is not retrained. ``--stop-after N`` ends
+this invocation after N epochs, leaving last.pt (for time-limited jobs and tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from hmil.bags import BagDataset, BagError
+from hmil.hierarchy import HierarchyError
+from hmil.losses import HMILLoss, LossConfig
+from hmil.models import create_model, list_models
+from hmil.training import (
+    TrainConfig,
+    TrainingError,
+    epoch_loader,
+    epoch_log_row,
+    hierarchy_as_dict,
+    load_fold_tables,
+    load_hierarchy,
+    predict,
+    predictions_table,
+    restore_rng_states,
+    rng_states,
+    seed_everything,
+    selection_score,
+    split_metrics,
+    train_epoch,
+    write_attention,
+    write_json,
+)
+from preprocessing.atomic import atomic_outputs
+from preprocessing.cli import run_cli, setup_logging
+from preprocessing.provenance import code_version
+
+log = logging.getLogger("hmil.train")
+
+FINAL_OUTPUTS = ("model.pt", "predictions.csv", "metrics.json", "attention.h5", "log.csv")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m hmil.train", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--features", required=True, help="directory of <slide_id>.h5 files")
+    parser.add_argument("--splits", required=True, help="DATA_SPLIT.csv")
+    parser.add_argument("--fold", type=int, required=True, help="fold index k (column fold<k>)")
+    parser.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
+    parser.add_argument("--hierarchy", required=True, help="hierarchy YAML or preset name")
+    parser.add_argument("--out", required=True, help="output directory of this fold")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch-bags", type=int, default=64, help="bags per optimiser step")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--optimizer", choices=("adam", "adamw"), default="adam")
+    parser.add_argument("--scheduler", choices=("plateau", "cosine"), default="plateau")
+    parser.add_argument(
+        "--patience", type=int, default=20, help="early stopping: epochs without improvement"
+    )
+    parser.add_argument(
+        "--loss-preset",
+        default=None,
+        help="preset of config/loss_presets.yaml (default: hmil; flat for models without "
+        "a coarse head)",
+    )
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--cache", action="store_true", help="keep features in memory")
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="end this invocation after N epochs"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_bags", "patience"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return train_fold(args)
+    except (BagError, HierarchyError) as error:
+        # Both are ValueErrors of hmil (not PipelineErrors): bad input, one line.
+        raise TrainingError(str(error)) from None
+
+
+def train_fold(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    hierarchy = load_hierarchy(args.hierarchy)
+    if args.model not in list_models():
+        raise TrainingError(f"unknown model {args.model!r} (available: {', '.join(list_models())})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
+    tables = load_fold_tables(args.splits, args.fold)
+    train_set = BagDataset(tables["train"], args.features, hierarchy, cache=args.cache)
+    in_dim = train_set.feature_dim
+    datasets = {"train": train_set}
+    for split in ("val", "test"):
+        datasets[split] = BagDataset(
+            tables[split], args.features, hierarchy, cache=args.cache, feature_dim=in_dim
+        )
+
+    seed_everything(args.seed)
+    model = create_model(args.model, in_dim=in_dim, hierarchy=hierarchy).to(device)
+    loss_preset = args.loss_preset or ("hmil" if has_coarse_head(model, in_dim) else "flat")
+    try:
+        loss_config = LossConfig.preset(loss_preset)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    config = TrainConfig(
+        model=args.model,
+        fold=args.fold,
+        epochs=args.epochs,
+        seed=args.seed,
+        batch_bags=args.batch_bags,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        scheduler=args.scheduler,
+        patience=args.patience,
+        loss_preset=loss_preset,
+        hierarchy=hierarchy_as_dict(hierarchy),
+    )
+    if finished_run(out, config):
+        log.info("%s: complete outputs of this run exist; not retraining", out)
+        return 0
+
+    membership = hierarchy.membership_tensor()
+    loss_fn = HMILLoss(membership, num_epochs=args.epochs, config=loss_config).to(device)
+    optimizer_class = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+    optimizer = optimizer_class(model.parameters(), lr=args.lr)
+    if args.scheduler == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=0.1, patience=5
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+
+    state: dict[str, Any] = {
+        "epoch": 0,  # epochs completed
+        "history": [],
+        "best_score": None,
+        "best_epoch": None,
+        "best_state": None,
+        "epochs_without_improvement": 0,
+        "stopped_early": False,
+    }
+    last_path = out / "last.pt"
+    if last_path.is_file():
+        state = resume(last_path, config, model, optimizer, scheduler)
+        log.info("resuming %s after epoch %d", last_path, state["epoch"] - 1)
+
+    use_auc = len(set(datasets["val"].fine_labels.tolist())) >= 2
+    if not use_auc:
+        log.warning("val set has < 2 fine classes: selecting the model by val loss")
+    val_loader = epoch_loader(datasets["val"], args.batch_bags, None, 0, args.num_workers)
+    first_epoch = state["epoch"]
+    tensorboard = optional_summary_writer(out / "tensorboard")
+    progress = tqdm(
+        range(state["epoch"], args.epochs),
+        initial=state["epoch"],
+        total=args.epochs,
+        desc=f"{args.model} fold {args.fold}",
+        disable=None,
+    )
+    for epoch in progress:
+        if state["stopped_early"]:
+            break
+        started = time.perf_counter()
+        train_loader = epoch_loader(train_set, args.batch_bags, args.seed, epoch, args.num_workers)
+        train_terms = train_epoch(model, loss_fn, optimizer, train_loader, epoch, device)
+        val = predict(model, val_loader, membership, device, loss_fn, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        if args.scheduler == "plateau":
+            scheduler.step(val.loss["total"])
+        else:
+            scheduler.step()
+        row = epoch_log_row(epoch, loss_fn, lr, train_terms, val, time.perf_counter() - started)
+        state["history"].append(row)
+        if tensorboard is not None:
+            for name, value in row.items():
+                if name != "epoch":
+                    tensorboard.add_scalar(name, value, epoch)
+            tensorboard.flush()
+        score = selection_score(row, use_auc)
+        if state["best_score"] is None or score > state["best_score"]:
+            state["best_score"], state["best_epoch"] = score, epoch
+            state["best_state"] = copy.deepcopy(model.state_dict())
+            state["epochs_without_improvement"] = 0
+        else:
+            state["epochs_without_improvement"] += 1
+        state["stopped_early"] = state["epochs_without_improvement"] >= args.patience
+        state["epoch"] = epoch + 1
+        save_checkpoint(last_path, out / "log.csv", config, model, optimizer, scheduler, state)
+        progress.set_postfix(loss=f"{row['train_loss']:.3f}", val_auc=f"{row['val_fine_auc']:.3f}")
+        if state["stopped_early"]:
+            log.info("early stop after epoch %d (best epoch %d)", epoch, state["best_epoch"])
+            break
+        if args.stop_after is not None and epoch + 1 - first_epoch >= args.stop_after:
+            log.info("stopping after %d epochs as asked; rerun to resume", args.stop_after)
+            return 0
+    progress.close()
+
+    model.load_state_dict(state["best_state"])
+    write_final_outputs(out, args, config, model, in_dim, hierarchy, datasets, tables, state)
+    return 0
+
+
+def optional_summary_writer(log_dir: Path):
+    """A TensorBoard SummaryWriter when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def has_coarse_head(model: torch.nn.Module, in_dim: int) -> bool:
+    """Whether the model returns coarse logits (one eval forward of a 2-instance zero bag)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        parameter = next(model.parameters())
+        output = model(torch.zeros(2, in_dim, device=parameter.device))
+    model.train(was_training)
+    return output.coarse_logits is not None
+
+
+def finished_run(out: Path, config: TrainConfig) -> bool:
+    """True when every final output exists and metrics.json records this config."""
+    if not all((out / name).is_file() for name in FINAL_OUTPUTS):
+        return False
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if metrics.get("config") != config.as_dict():
+        raise TrainingError(
+            f"{out}: holds outputs of a run with other settings; use another --out or delete them"
+        )
+    return True
+
+
+def resume(path: Path, config: TrainConfig, model, optimizer, scheduler) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated file cannot happen (atomic), a foreign one can
+        raise TrainingError(f"{path}: cannot read checkpoint ({error})") from None
+    if checkpoint.get("config") != config.as_dict():
+        raise TrainingError(
+            f"{path}: checkpoint of a run with other settings; delete it to start over"
+        )
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    restore_rng_states(checkpoint["rng"])
+    return checkpoint["state"]
+
+
+def save_checkpoint(
+    last_path: Path, log_path: Path, config: TrainConfig, model, optimizer, scheduler, state
+) -> None:
+    with atomic_outputs(last_path, log_path) as (last_tmp, log_tmp):
+        torch.save(
+            {
+                "config": config.as_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_states(),
+                "state": state,
+            },
+            last_tmp,
+        )
+        pd.DataFrame(state["history"]).to_csv(log_tmp, index=False)
+
+
+def write_final_outputs(
+    out: Path, args, config: TrainConfig, model, in_dim, hierarchy, datasets, tables, state
+) -> None:
+    device = next(model.parameters()).device
+    membership = hierarchy.membership_tensor()
+    split_predictions = {}
+    for split in ("test", "val"):
+        if len(datasets[split]) == 0:
+            continue
+        loader = epoch_loader(datasets[split], args.batch_bags, None, 0, args.num_workers)
+        split_predictions[split] = predict(model, loader, membership, device)
+    version = code_version()
+    metrics = {
+        split: split_metrics(predictions) for split, predictions in split_predictions.items()
+    }
+    metrics |= {
+        "config": config.as_dict(),
+        "seed": args.seed,
+        "code_version": version,
+        "best_epoch": state["best_epoch"],
+        "epochs_trained": state["epoch"],
+        "stopped_early": state["stopped_early"],
+        "in_dim": in_dim,
+    }
+    names = ["model.pt", "predictions.csv", "metrics.json", "attention.h5", "log.csv"]
+    with atomic_outputs(*(out / name for name in names)) as temps:
+        model_tmp, predictions_tmp, metrics_tmp, attention_tmp, log_tmp = temps
+        torch.save(
+            {
+                "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                "model": args.model,
+                "model_kwargs": {},
+                "in_dim": in_dim,
+                "hierarchy": hierarchy_as_dict(hierarchy),
+                "config": config.as_dict(),
+                "code_version": version,
+                "seed": args.seed,
+                "best_epoch": state["best_epoch"],
+            },
+            model_tmp,
+        )
+        predictions_table(split_predictions, tables, hierarchy).to_csv(predictions_tmp, index=False)
+        write_json(metrics_tmp, metrics)
+        if "test" in split_predictions:
+            write_attention(
+                attention_tmp, split_predictions["test"], datasets["test"], hierarchy, args.model
+            )
+        else:  # an empty file still marks the run complete
+            write_attention_empty(attention_tmp, hierarchy, args.model)
+        pd.DataFrame(state["history"]).to_csv(log_tmp, index=False)
+    log.info("wrote %s (best epoch %s)", out, state["best_epoch"])
+
+
+def write_attention_empty(path: Path, hierarchy, model_name: str) -> None:
+    with h5py.File(path, "w") as file:
+        file.attrs["fine_classes"] = list(hierarchy.fine)
+        file.attrs["coarse_classes"] = list(hierarchy.coarse)
+        file.attrs["model"] = model_name
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,419 @@
+"""The per-fold trainer's core: split tables, seeding, one epoch, prediction, outputs.
+
+The CLI (:mod:`hmil.train`) validates arguments, then calls these functions. Bags are
+forwarded whole (no patch sampling); B bags make one optimiser step, and
+:class:`~hmil.losses.HMILLoss` averages its terms over the B bags.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hmil.bags import BagDataset, collate_bags
+from hmil.hierarchy import Hierarchy
+from hmil.losses import HMILLoss, curriculum_weight
+from hmil.metrics import classification_metrics
+from preprocessing.errors import PipelineError
+
+SPLITS = ("train", "val", "test")
+REQUIRED_SPLIT_COLUMNS = ("slide_id", "patient_id", "label")
+
+
+class TrainingError(PipelineError):
+    """Bad training input (splits table, fold, model name, features); one-line message."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained weights (paths and devices excluded, so a
+    moved features directory or another GPU still resumes the same run)."""
+
+    model: str
+    fold: int
+    epochs: int
+    seed: int
+    batch_bags: int
+    lr: float
+    optimizer: str
+    scheduler: str
+    patience: int
+    loss_preset: str
+    hierarchy: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def hierarchy_as_dict(hierarchy: Hierarchy) -> dict[str, Any]:
+    """The YAML layout of a hierarchy (``Hierarchy.from_mapping`` reads it back)."""
+    return {
+        "name": hierarchy.name,
+        "coarse": list(hierarchy.coarse),
+        "fine": {fine: hierarchy.coarse_of(fine) for fine in hierarchy.fine},
+    }
+
+
+def load_hierarchy(spec: str) -> Hierarchy:
+    """A hierarchy from a YAML path, or a preset name (``bracs``, ``panda``, ``ccc``)."""
+    if spec.endswith((".yaml", ".yml")) or Path(spec).exists():
+        return Hierarchy.from_yaml(spec)
+    return Hierarchy.preset(spec)
+
+
+def load_fold_tables(splits_path: str | Path, fold: int) -> dict[str, pd.DataFrame]:
+    """The train, val and test slides of fold ``fold`` of a DATA_SPLIT.csv.
+
+    Rows whose ``fold<k>`` value is not train/val/test (e.g. empty: excluded) are ignored.
+    Raises TrainingError for a missing file or column, or an empty train or val set.
+    """
+    splits_path = Path(splits_path)
+    if not splits_path.is_file():
+        raise TrainingError(f"{splits_path}: splits file not found")
+    try:
+        table = pd.read_csv(splits_path, dtype={"slide_id": str, "patient_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+        raise TrainingError(f"{splits_path}: cannot read splits table ({first_line})") from None
+    missing = [column for column in REQUIRED_SPLIT_COLUMNS if column not in table.columns]
+    if missing:
+        raise TrainingError(
+            f"{splits_path}: missing column {missing[0]!r} "
+            f"(need {', '.join(REQUIRED_SPLIT_COLUMNS)} and fold columns)"
+        )
+    fold_column = f"fold{fold}"
+    if fold_column not in table.columns:
+        folds = [c for c in table.columns if c.startswith("fold")]
+        raise TrainingError(
+            f"{splits_path}: no column {fold_column!r} for --fold {fold} "
+            f"(fold columns: {', '.join(folds) or 'none'})"
+        )
+    assignment = table[fold_column].astype(str).str.strip().str.lower()
+    tables = {split: table[assignment == split].reset_index(drop=True) for split in SPLITS}
+    for split in ("train", "val"):
+        if tables[split].empty:
+            raise TrainingError(f"{splits_path}: fold {fold} has no {split!r} slides")
+    return tables
+
+
+# ---- seeding and RNG state -------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    # The legacy global NumPy RNG on purpose: it is the one third-party code draws from.
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states, for a checkpoint."""
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])  # noqa: NPY002
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def epoch_loader(
+    dataset: BagDataset, batch_bags: int, seed: int | None, epoch: int, num_workers: int
+) -> DataLoader:
+    """Bags in batches of ``batch_bags``; shuffled with a generator seeded by (seed, epoch)
+    when ``seed`` is given, so the order of epoch e does not depend on a resume."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(
+        dataset,
+        batch_size=batch_bags,
+        shuffle=seed is not None,
+        generator=generator,
+        collate_fn=collate_bags,
+        num_workers=num_workers,
+    )
+
+
+# ---- one epoch -------------------------------------------------------------------------------
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA; a no-op (fp32) elsewhere."""
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )
+
+
+def train_epoch(
+    model: nn.Module,
+    loss_fn: HMILLoss,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    epoch: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over the training bags, one optimiser step per batch.
+
+    Returns each loss term (and ``total``) averaged over bags (batch means weighted by
+    batch size).
+    """
+    model.train()
+    sums: dict[str, float] = {}
+    num_bags = 0
+    for batch in loader:
+        with autocast_context(device):
+            outputs = [model(features.to(device)) for features in batch.features]
+            terms = loss_fn(
+                outputs,
+                batch.fine_labels.to(device),
+                epoch=epoch,
+                coarse_labels=batch.coarse_labels.to(device),
+            )
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        size = len(batch.features)
+        num_bags += size
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) * size
+    return {name: value / num_bags for name, value in sums.items()}
+
+
+@dataclass
+class SlidePredictions:
+    """Model outputs for the slides of one dataset, in dataset order.
+
+    fine_probs [S, C_f]; coarse_probs [S, C_c] from the coarse head or None (flat model);
+    coarse_from_fine [S, C_c]; fine_attention / coarse_attention: per slide [rows, N]
+    (coarse None for flat models); loss: each term averaged over slides (or empty).
+    """
+
+    slide_ids: list[str]
+    fine_labels: np.ndarray
+    coarse_labels: np.ndarray
+    fine_probs: np.ndarray
+    coarse_probs: np.ndarray | None
+    coarse_from_fine: np.ndarray
+    fine_attention: list[np.ndarray]
+    coarse_attention: list[np.ndarray] | None
+    loss: dict[str, float]
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    membership: torch.Tensor,
+    device: torch.device,
+    loss_fn: HMILLoss | None = None,
+    epoch: int = 0,
+) -> SlidePredictions:
+    """Eval-mode outputs for every bag of ``loader`` (unshuffled), plus the loss if given."""
+    model.eval()
+    membership = membership.to(device)
+    slide_ids, fine_labels, coarse_labels = [], [], []
+    fine_probs, coarse_probs, fine_attention, coarse_attention = [], [], [], []
+    sums: dict[str, float] = {}
+    for batch in loader:
+        with autocast_context(device):
+            outputs = [model(features.to(device)) for features in batch.features]
+            if loss_fn is not None:
+                terms = loss_fn(
+                    outputs,
+                    batch.fine_labels.to(device),
+                    epoch=epoch,
+                    coarse_labels=batch.coarse_labels.to(device),
+                )
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * len(outputs)
+        for output in outputs:
+            fine_probs.append(output.fine_probs().float().cpu())
+            fine_attention.append(output.fine_attention.float().cpu().numpy())
+            if output.coarse_logits is not None:
+                coarse_probs.append(output.coarse_probs().float().cpu())
+            if output.coarse_attention is not None:
+                coarse_attention.append(output.coarse_attention.float().cpu().numpy())
+        slide_ids.extend(batch.slide_ids)
+        fine_labels.extend(batch.fine_labels.tolist())
+        coarse_labels.extend(batch.coarse_labels.tolist())
+    fine = torch.stack(fine_probs)
+    return SlidePredictions(
+        slide_ids=slide_ids,
+        fine_labels=np.asarray(fine_labels, dtype=np.int64),
+        coarse_labels=np.asarray(coarse_labels, dtype=np.int64),
+        fine_probs=fine.numpy(),
+        coarse_probs=torch.stack(coarse_probs).numpy() if coarse_probs else None,
+        coarse_from_fine=(fine @ membership.cpu()).numpy(),
+        fine_attention=fine_attention,
+        coarse_attention=coarse_attention or None,
+        loss={name: value / len(slide_ids) for name, value in sums.items()},
+    )
+
+
+def split_metrics(predictions: SlidePredictions) -> dict[str, Any]:
+    """Fine, coarse-head (None for flat models) and coarse-from-fine metrics of one split."""
+    coarse = None
+    if predictions.coarse_probs is not None:
+        coarse = classification_metrics(predictions.coarse_labels, predictions.coarse_probs)
+    return {
+        "num_slides": len(predictions.slide_ids),
+        "fine": classification_metrics(predictions.fine_labels, predictions.fine_probs),
+        "coarse": coarse,
+        "coarse_from_fine": classification_metrics(
+            predictions.coarse_labels, predictions.coarse_from_fine
+        ),
+    }
+
+
+def epoch_log_row(
+    epoch: int,
+    loss_fn: HMILLoss,
+    lr: float,
+    train_terms: dict[str, float],
+    val: SlidePredictions,
+    seconds: float,
+) -> dict[str, float]:
+    """One row of log.csv: schedules, every loss term (train and val), val metrics."""
+    metrics = split_metrics(val)
+    coarse = metrics["coarse"] or metrics["coarse_from_fine"]
+    row: dict[str, float] = {
+        "epoch": epoch,
+        "alpha": curriculum_weight(epoch, loss_fn.num_epochs),
+        "tau": loss_fn.temperature(epoch),
+        "lr": lr,
+    }
+    row |= {f"train_{name}": value for name, value in train_terms.items() if name != "total"}
+    row["train_loss"] = train_terms["total"]
+    row |= {f"val_{name}": value for name, value in val.loss.items() if name != "total"}
+    row["val_loss"] = val.loss["total"]
+    row |= {
+        "val_fine_auc": metrics["fine"]["auc"],
+        "val_coarse_auc": coarse["auc"],
+        "val_fine_accuracy": metrics["fine"]["accuracy"],
+        "val_coarse_accuracy": coarse["accuracy"],
+        "seconds": seconds,
+    }
+    return row
+
+
+def selection_score(row: dict[str, float], use_auc: bool) -> float:
+    """Higher is better: val fine macro AUC, or −val loss when val has < 2 fine classes."""
+    if use_auc and not math.isnan(row["val_fine_auc"]):
+        return row["val_fine_auc"]
+    return -row["val_loss"]
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+
+
+def predictions_table(
+    split_predictions: dict[str, SlidePredictions],
+    tables: dict[str, pd.DataFrame],
+    hierarchy: Hierarchy,
+) -> pd.DataFrame:
+    """predictions.csv: one row per slide of each given split (test first, then val)."""
+    frames = []
+    for split, predictions in split_predictions.items():
+        patient_of = dict(
+            zip(tables[split]["slide_id"].astype(str), tables[split]["patient_id"], strict=True)
+        )
+        frame = pd.DataFrame(
+            {
+                "slide_id": predictions.slide_ids,
+                "patient_id": [patient_of[s] for s in predictions.slide_ids],
+                "split": split,
+                "fine_label": [hierarchy.fine[i] for i in predictions.fine_labels],
+                "coarse_label": [hierarchy.coarse[i] for i in predictions.coarse_labels],
+            }
+        )
+        for index, name in enumerate(hierarchy.fine):
+            frame[f"p_fine_{name}"] = predictions.fine_probs[:, index]
+        for index, name in enumerate(hierarchy.coarse):
+            frame[f"p_coarse_{name}"] = (
+                predictions.coarse_probs[:, index]
+                if predictions.coarse_probs is not None
+                else math.nan
+            )
+        for index, name in enumerate(hierarchy.coarse):
+            frame[f"p_coarse_from_fine_{name}"] = predictions.coarse_from_fine[:, index]
+        coarse_source = (
+            predictions.coarse_probs
+            if predictions.coarse_probs is not None
+            else predictions.coarse_from_fine
+        )
+        frame["pred_fine"] = [hierarchy.fine[i] for i in predictions.fine_probs.argmax(axis=1)]
+        frame["pred_coarse"] = [hierarchy.coarse[i] for i in coarse_source.argmax(axis=1)]
+        frame["pred_coarse_from_fine"] = [
+            hierarchy.coarse[i] for i in predictions.coarse_from_fine.argmax(axis=1)
+        ]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_attention(
+    path: Path,
+    predictions: SlidePredictions,
+    dataset: BagDataset,
+    hierarchy: Hierarchy,
+    model_name: str,
+) -> None:
+    """attention.h5: a group per slide with ``coords`` (from its feature h5, when it has
+    them), ``fine_attention`` [C_f or 1, N] and, for hierarchical models,
+    ``coarse_attention`` [C_c, N]. Root attributes name the classes and the model."""
+    with h5py.File(path, "w") as file:
+        file.attrs["fine_classes"] = list(hierarchy.fine)
+        file.attrs["coarse_classes"] = list(hierarchy.coarse)
+        file.attrs["model"] = model_name
+        file.attrs["fine_attention_rows"] = (
+            "class" if predictions.fine_attention[0].shape[0] == hierarchy.num_fine else "single"
+        )
+        for index, slide_id in enumerate(predictions.slide_ids):
+            group = file.create_group(slide_id)
+            feature_path = dataset.paths[dataset.slide_ids.index(slide_id)]
+            if feature_path.suffix == ".h5":
+                with h5py.File(feature_path, "r") as features:
+                    if "coords" in features:
+                        group.create_dataset("coords", data=features["coords"][()])
+            group.create_dataset("fine_attention", data=predictions.fine_attention[index])
+            if predictions.coarse_attention is not None:
+                group.create_dataset("coarse_attention", data=predictions.coarse_attention[index])
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    # NaN (an AUC of a one-class split) is written as null so the file is strict JSON.
+    path.write_text(json.dumps(_nan_to_none(payload), indent=2) + "\n")
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(item) for item in value]
+    return value
