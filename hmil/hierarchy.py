@@ -172,24 +172,20 @@ class Hierarchy:
 
     def fine_index(self, label: object) -> int:
         """Index of a fine class name; HierarchyError listing the classes if unknown."""
-        name = label_name(label)
-        try:
-            return self.fine.index(name)
-        except ValueError:
-            raise HierarchyError(
-                f"unknown fine label {name!r} for hierarchy {self.name!r} "
-                f"(expected one of: {', '.join(self.fine)})"
-            ) from None
+        return self._index(label, self.fine, "fine")
 
     def coarse_index(self, label: object) -> int:
         """Index of a coarse class name; HierarchyError listing the classes if unknown."""
+        return self._index(label, self.coarse, "coarse")
+
+    def _index(self, label: object, names: tuple[str, ...] | list[str], level: str) -> int:
         name = label_name(label)
         try:
-            return self.coarse.index(name)
+            return names.index(name)
         except ValueError:
             raise HierarchyError(
-                f"unknown coarse label {name!r} for hierarchy {self.name!r} "
-                f"(expected one of: {', '.join(self.coarse)})"
+                f"unknown {level} label {name!r} for hierarchy {self.name!r} "
+                f"(expected one of: {', '.join(names)})"
             ) from None
 
     def coarse_of(self, label: object) -> str:

@@ -1,6 +1,5 @@
 """HMIL learns: it fits a tiny synthetic cohort, and seeded training is reproducible."""
 
-import pytest
 import torch
 
 from hmil.losses import HMILLoss
@@ -9,15 +8,6 @@ from hmil.synthetic_features import SyntheticConfig, generate_cohort
 
 # 12 bags with the 4-class tiny hierarchy; 2–10 % key instances per bag
 TINY = SyntheticConfig(bags_per_class=3, feature_dim=32, min_instances=50, max_instances=100)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(hierarchy, max_steps: int, seed: int, stop_when_fitted: bool = False):

@@ -41,15 +41,6 @@ FINE = ["a1", "a2", "b1", "b2"]
 COARSE_OF = {"a1": "A", "a2": "A", "b1": "B", "b2": "B"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """Features of 40 slides, a hierarchy file and a DATA_SPLIT.csv whose fold0 puts 2
