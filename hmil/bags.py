@@ -77,6 +77,48 @@ def find_feature_file(features_dir: str | Path, slide_id: str) -> Path:
     )
 
 
+def flagged_reason(path: str | Path) -> str | None:
+    """Why a feature file says its slide is unusable (status ``empty``/``failed``), else None.
+
+    Feature extraction writes such flagged files for slides without tissue or that could not
+    be read, so a cohort run can report them instead of stopping.
+    """
+    path = Path(path)
+    if path.suffix != ".h5":
+        return None
+    try:
+        with h5py.File(path, "r") as file:
+            status = file.attrs.get("status", "ok")
+            reason = file.attrs.get("status_reason", "")
+    except OSError:
+        return None  # unreadable: reported as an error when the bag is built
+    status = status.decode() if isinstance(status, bytes) else str(status)
+    if status == "ok":
+        return None
+    reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+    return f"{status}: {reason}" if reason else status
+
+
+def drop_flagged_slides(
+    table: pd.DataFrame, features_dir: str | Path
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The table without slides whose feature file is flagged, and {slide_id: reason} of those.
+
+    Slides without a feature file stay in the table, so that they still raise a BagError.
+    """
+    reasons: dict[str, str] = {}
+    for slide_id in table["slide_id"].astype(str):
+        try:
+            path = find_feature_file(features_dir, slide_id)
+        except BagError:
+            continue
+        reason = flagged_reason(path)
+        if reason is not None:
+            reasons[slide_id] = reason
+    keep = ~table["slide_id"].astype(str).isin(reasons)
+    return table[keep].reset_index(drop=True), reasons
+
+
 def read_bag_shape(path: str | Path, slide_id: str) -> tuple[int, int]:
     """(N, D) of a feature file without reading the features (h5 metadata, mmapped .pt)."""
     path = Path(path)

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from hmil.bags import BagDataset, BagError
+from hmil.bags import BagDataset, BagError, drop_flagged_slides
 from hmil.hierarchy import HierarchyError
 from hmil.losses import HMILLoss, LossConfig
 from hmil.models import create_model, list_models
@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="preset of config/loss_presets.yaml (default: hmil; flat for models without "
         "a coarse head)",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on slides whose feature file is flagged empty/failed instead of leaving "
+        "them out",
+    )
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--cache", action="store_true", help="keep features in memory")
     parser.add_argument(
@@ -116,6 +122,17 @@ def train_fold(args: argparse.Namespace) -> int:
         raise TrainingError("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
     tables = load_fold_tables(args.splits, args.fold)
+    excluded: dict[str, str] = {}
+    for split, table in tables.items():
+        tables[split], flagged = drop_flagged_slides(table, args.features)
+        for slide_id, reason in flagged.items():
+            if args.strict:
+                raise TrainingError(f"slide {slide_id!r}: feature file flagged ({reason})")
+            log.warning("slide %r (%s) left out: flagged features (%s)", slide_id, split, reason)
+        excluded |= flagged
+    for split in ("train", "val"):
+        if tables[split].empty:
+            raise TrainingError(f"fold {args.fold} has no usable {split!r} slides")
     train_set = BagDataset(tables["train"], args.features, hierarchy, cache=args.cache)
     in_dim = train_set.feature_dim
     datasets = {"train": train_set}
@@ -225,6 +242,7 @@ def train_fold(args: argparse.Namespace) -> int:
     progress.close()
 
     model.load_state_dict(state["best_state"])
+    state["excluded_slides"] = excluded
     write_final_outputs(out, args, config, model, in_dim, hierarchy, datasets, tables, state)
     return 0
 
@@ -321,6 +339,7 @@ def write_final_outputs(
         "epochs_trained": state["epoch"],
         "stopped_early": state["stopped_early"],
         "in_dim": in_dim,
+        "excluded_slides": state.get("excluded_slides", {}),
     }
     names = ["model.pt", "predictions.csv", "metrics.json", "attention.h5", "log.csv"]
     with atomic_outputs(*(out / name for name in names)) as temps:

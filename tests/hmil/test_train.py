@@ -311,3 +311,29 @@ def test_hierarchy_preset_name_is_accepted_and_unknown_preset_is_one_error_line(
     args[args.index("--hierarchy") + 1] = "no_such_preset"
     line = one_error_line(capsys, args)
     assert "unknown hierarchy preset 'no_such_preset'" in line and "bracs" in line
+
+
+def test_slide_with_flagged_feature_file_is_left_out_and_recorded(cohort, tmp_path, capsys):
+    """A slide whose extraction found no tissue is reported, not a crash; --strict stops."""
+    features = tmp_path / "features"
+    features.mkdir()
+    for path in (cohort["root"] / "features").iterdir():
+        (features / path.name).symlink_to(path)
+    with h5py.File(features / "blank.h5", "w") as file:
+        file.create_dataset("features", data=np.zeros((0, 32), np.float32))
+        file.attrs.update(status="empty", status_reason="no tissue found", feature_dim=32)
+
+    def blank_slide(table):
+        table.loc[len(table)] = ["blank", "patient_blank", "a1", "A", "test"]
+
+    splits = rewritten_splits(cohort, tmp_path, blank_slide)
+    args = train_args(cohort, tmp_path / "out", splits=splits, epochs=1)
+    args[args.index("--features") + 1] = str(features)
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["excluded_slides"] == {"blank": "empty: no tissue found"}
+    predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert "blank" not in set(predictions["slide_id"])
+
+    line = one_error_line(capsys, [*args, "--out", str(tmp_path / "strict"), "--strict"])
+    assert "'blank'" in line and "flagged" in line
