@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a coarse head)",
     )
     parser.add_argument(
+        "--restart-if-changed",
+        action="store_true",
+        help="discard outputs and checkpoint of an earlier run in --out with other settings "
+        "(default: refuse to touch them)",
+    )
+    parser.add_argument(
         "--strict",
         action="store_true",
         help="fail on slides whose feature file is flagged empty/failed instead of leaving "
@@ -161,6 +167,8 @@ def train_fold(args: argparse.Namespace) -> int:
         loss_preset=loss_preset,
         hierarchy=hierarchy_as_dict(hierarchy),
     )
+    if args.restart_if_changed:
+        discard_other_settings(out, config)
     if finished_run(out, config):
         log.info("%s: complete outputs of this run exist; not retraining", out)
         return 0
@@ -280,6 +288,31 @@ def finished_run(out: Path, config: TrainConfig) -> bool:
             f"{out}: holds outputs of a run with other settings; use another --out or delete them"
         )
     return True
+
+
+def discard_other_settings(out: Path, config: TrainConfig) -> None:
+    """Delete outputs and checkpoint of an earlier run of ``out`` made with other settings.
+
+    The workflow reruns a fold when its settings change; it should then start afresh
+    rather than stop at the mismatch that protects hand-made runs.
+    """
+    recorded = []
+    metrics_path, last_path = out / "metrics.json", out / "last.pt"
+    if metrics_path.is_file():
+        try:
+            recorded.append(json.loads(metrics_path.read_text()).get("config"))
+        except (OSError, json.JSONDecodeError):
+            recorded.append(None)
+    if last_path.is_file():
+        try:
+            recorded.append(torch.load(last_path, map_location="cpu", weights_only=False)["config"])
+        except Exception:  # unreadable or foreign: not resumable either
+            recorded.append(None)
+    if all(settings == config.as_dict() for settings in recorded):
+        return
+    log.warning("%s: outputs of a run with other settings; starting afresh", out)
+    for name in (*FINAL_OUTPUTS, "last.pt"):
+        (out / name).unlink(missing_ok=True)
 
 
 def resume(path: Path, config: TrainConfig, model, optimizer, scheduler) -> dict[str, Any]:

@@ -337,3 +337,13 @@ def test_slide_with_flagged_feature_file_is_left_out_and_recorded(cohort, tmp_pa
 
     line = one_error_line(capsys, [*args, "--out", str(tmp_path / "strict"), "--strict"])
     assert "'blank'" in line and "flagged" in line
+
+
+def test_restart_if_changed_discards_a_run_with_other_settings(cohort, tmp_path, capsys):
+    assert main(train_args(cohort, tmp_path, epochs=1)) == 0
+    changed = train_args(cohort, tmp_path, epochs=2)
+    line = one_error_line(capsys, changed)
+    assert "other settings" in line
+    assert main([*changed, "--restart-if-changed"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["epochs"] == 2 and metrics["epochs_trained"] == 2
