@@ -22,6 +22,7 @@ import imagecodecs
 import numpy as np
 import pandas as pd
 import tifffile
+import yaml
 from tqdm import tqdm
 
 from preprocessing.atomic import atomic_outputs
@@ -328,6 +329,26 @@ def random_regions(rng: np.random.Generator, w_um: float, h_um: float) -> tuple[
     return tuple(regions)
 
 
+def demo_hierarchy() -> dict:
+    """The hierarchy of `DEMO_CLASSES` in the YAML layout of `config/hierarchies/`."""
+    return {
+        "name": "demo",
+        "coarse": list(dict.fromkeys(coarse for coarse, _ in DEMO_CLASSES.values())),
+        "fine": {fine: coarse for fine, (coarse, _) in DEMO_CLASSES.items()},
+    }
+
+
+def patient_numbers(n_rounds: int, slides_per_patient: tuple[int, ...]) -> list[int]:
+    """Patient number of each round of a class: patients take `slides_per_patient` slides
+    in turn, e.g. (2, 1) → 0, 0, 1, 2, 2, 3, ..."""
+    numbers: list[int] = []
+    patient = 0
+    while len(numbers) < n_rounds:
+        numbers.extend([patient] * slides_per_patient[patient % len(slides_per_patient)])
+        patient += 1
+    return numbers[:n_rounds]
+
+
 def write_cohort(
     outdir: str | Path,
     n_slides: int = 8,
@@ -335,23 +356,25 @@ def write_cohort(
     height: int = 4000,
     mpp: float = 0.5,
     seed: int = 0,
-    slides_per_patient: int = 2,
+    slides_per_patient: tuple[int, ...] = (2, 1),
 ) -> Path:
-    """Write `n_slides` synthetic slides and the slide sheet `slides.csv`; return the sheet path.
+    """Write `n_slides` synthetic slides, the slide sheet `slides.csv` and the class
+    hierarchy `hierarchy.yaml`; return the sheet path.
 
-    Labels cycle through `DEMO_CLASSES`; consecutive slides of a class share a patient
-    (up to `slides_per_patient`), so patient-grouped splits have something to group.
-    Slides that already exist with the same spec are not rewritten.
+    Labels cycle through `DEMO_CLASSES`; patients of a class take `slides_per_patient`
+    consecutive slides in turn, so patient-grouped splits have something to group.
+    Slides that already exist are not rewritten.
     """
     outdir = Path(outdir)
     (outdir / "slides").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     fine_labels = list(DEMO_CLASSES)
+    patients = patient_numbers(-(-n_slides // len(fine_labels)), tuple(slides_per_patient))
     rows = []
     for index in tqdm(range(n_slides), desc="demo cohort", unit="slide"):
         label = fine_labels[index % len(fine_labels)]
         round_ = index // len(fine_labels)
-        patient = f"P{index % len(fine_labels):02d}{round_ // slides_per_patient:03d}"
+        patient = f"P{index % len(fine_labels):02d}{patients[round_]:03d}"
         slide_id = f"slide_{index:03d}"
         spec = SlideSpec(
             width=width,
@@ -374,6 +397,7 @@ def write_cohort(
         )
     sheet = outdir / "slides.csv"
     pd.DataFrame(rows).to_csv(sheet, index=False)
+    (outdir / "hierarchy.yaml").write_text(yaml.safe_dump(demo_hierarchy(), sort_keys=False))
     return sheet
 
 
@@ -393,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     slide.add_argument("--seed", type=int, default=0)
     cohort = sub.add_parser("cohort", help="write a labelled demo cohort and its slides.csv")
     cohort.add_argument("outdir", type=Path)
-    cohort.add_argument("--slides", type=int, default=8)
+    cohort.add_argument("--slides", type=int, default=36)
     cohort.add_argument("--width", type=int, default=6000)
     cohort.add_argument("--height", type=int, default=4000)
     cohort.add_argument("--mpp", type=float, default=0.5)

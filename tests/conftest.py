@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,31 @@ def fixture_slides() -> Path:
     if FIXTURES is None:
         pytest.skip("test slides not found: set HMIL_FIXTURES to shared/fixtures/slides")
     return FIXTURES
+
+
+def snakemake_command(config: Path, *extra: str) -> list[str]:
+    """`snakemake` on the project's workflow with a test config, run from the project root."""
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(PROJECT_ROOT / "workflow" / "Snakefile"),
+        "--directory",
+        str(PROJECT_ROOT),
+        "--configfile",
+        str(config),
+        "--cores",
+        "2",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def run_snakemake():
+    """Run the workflow with a test config; returns the CompletedProcess (text output)."""
+
+    def run(config: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(snakemake_command(config, *extra), capture_output=True, text=True)
+
+    return run

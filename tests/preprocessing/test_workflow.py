@@ -1,7 +1,9 @@
-"""The Snakemake workflow through preprocessing, on a tiny cohort with one broken slide."""
+"""The Snakemake workflow through preprocessing (``--until preprocess_summary``), on a tiny
+cohort with one broken slide; tests/test_full_chain.py runs the whole chain."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.workflow
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+PREPROCESS_ONLY = ("--until", "preprocess_summary")
 
 
 def make_cohort(folder: Path, fixture_slides) -> Path:
@@ -39,32 +42,21 @@ def make_cohort(folder: Path, fixture_slides) -> Path:
 
 def write_config(folder: Path, sheet: Path, strict: bool = False) -> Path:
     config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
-    config.update(slides=str(sheet), outdir=str(folder / "results"), strict=strict)
+    config.update(
+        slides=str(sheet),
+        hierarchy=str(sheet.parent / "hierarchy.yaml"),
+        outdir=str(folder / "results"),
+        strict=strict,
+    )
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def snakemake(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        *SNAKEMAKE,
-        "--snakefile",
-        str(PROJECT_ROOT / "workflow" / "Snakefile"),
-        "--directory",
-        str(PROJECT_ROOT),
-        "--configfile",
-        str(config),
-        "--cores",
-        "2",
-        *extra,
-    ]
-    return subprocess.run(command, capture_output=True, text=True)
-
-
-def test_cohort_completes_and_reports_the_bad_slide(tmp_path, fixture_slides):
+def test_cohort_completes_and_reports_the_bad_slide(tmp_path, fixture_slides, run_snakemake):
     sheet = make_cohort(tmp_path / "cohort", fixture_slides)
     config = write_config(tmp_path, sheet)
-    done = snakemake(config)
+    done = run_snakemake(config, *PREPROCESS_ONLY)
     assert done.returncode == 0, done.stderr[-3000:]
     results = tmp_path / "results"
     stats = pd.read_csv(results / "preprocessing" / "slides.csv").set_index("slide_id")
@@ -81,28 +73,24 @@ def test_cohort_completes_and_reports_the_bad_slide(tmp_path, fixture_slides):
             assert h5.attrs["slide_id"] == slide
     assert "broken: failed" in done.stdout + done.stderr
 
-    # Nothing to do on a re-run; a new report builds from the outputs.
-    again = snakemake(config, "--dry-run")
-    assert "Nothing to be done" in again.stdout + again.stderr
-    report = snakemake(config, "--report", str(tmp_path / "report.html"))
-    assert report.returncode == 0, report.stderr[-2000:]
-    assert (tmp_path / "report.html").stat().st_size > 10_000
+    again = run_snakemake(config, "--dry-run", *PREPROCESS_ONLY)
+    assert re.search(r"^total\s+0$", again.stdout, re.MULTILINE), again.stdout  # no job to run
 
 
-def test_strict_mode_stops_at_the_bad_slide(tmp_path, fixture_slides):
+def test_strict_mode_stops_at_the_bad_slide(tmp_path, fixture_slides, run_snakemake):
     sheet = make_cohort(tmp_path / "cohort", fixture_slides)
     config = write_config(tmp_path, sheet, strict=True)
-    done = snakemake(config)
+    done = run_snakemake(config, *PREPROCESS_ONLY)
     assert done.returncode != 0
     assert not (tmp_path / "results" / "patches" / "broken.h5").exists()
     log = (tmp_path / "results" / "logs" / "patch" / "broken.log").read_text()
     assert "error:" in log and "broken.svs: tile data cannot be read" in log
 
 
-def test_missing_slide_file_is_recorded_not_fatal(tmp_path, fixture_slides):
+def test_missing_slide_file_is_recorded_not_fatal(tmp_path, fixture_slides, run_snakemake):
     sheet = make_cohort(tmp_path / "cohort", fixture_slides)
     (tmp_path / "cohort" / "slides" / "slide_002.tiff").unlink()
-    done = snakemake(write_config(tmp_path, sheet))
+    done = run_snakemake(write_config(tmp_path, sheet), *PREPROCESS_ONLY)
     assert done.returncode == 0, done.stderr[-3000:]
     stats = pd.read_csv(tmp_path / "results" / "preprocessing" / "slides.csv").set_index("slide_id")
     assert stats.loc["slide_002", "status_reason"] == "file not found"
@@ -115,10 +103,10 @@ def test_missing_slide_file_is_recorded_not_fatal(tmp_path, fixture_slides):
         ("slide_id,path,label\na,a.svs,IC\n", "missing column(s) patient_id"),
     ],
 )
-def test_bad_sheet_stops_before_any_job(tmp_path, sheet_text, message):
+def test_bad_sheet_stops_before_any_job(tmp_path, sheet_text, message, run_snakemake):
     sheet = tmp_path / "slides.csv"
     sheet.write_text(sheet_text)
-    done = snakemake(write_config(tmp_path, sheet), "--dry-run")
+    done = run_snakemake(write_config(tmp_path, sheet), "--dry-run")
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert message in output
@@ -136,6 +124,7 @@ def test_workflow_passes_lint_and_snakefmt():
             "config/config.yaml",
             "--config",
             f"slides={PROJECT_ROOT / 'tests' / 'data' / 'lint_slides.csv'}",
+            "hierarchy=bracs",
         ],
         cwd=PROJECT_ROOT,
         capture_output=True,
@@ -158,5 +147,7 @@ def test_demo_cohort_has_labels_patients_and_readable_slides(tmp_path):
     assert set(sheet["label"]) == set(DEMO_CLASSES)
     assert (sheet.groupby("patient_id").size() > 1).any()  # patients with several slides
     assert sheet.groupby("patient_id")["label"].nunique().max() == 1
+    hierarchy = yaml.safe_load((tmp_path / "hierarchy.yaml").read_text())
+    assert hierarchy["fine"] == {fine: coarse for fine, (coarse, _) in DEMO_CLASSES.items()}
     for path in sheet["path"]:
         assert (tmp_path / path).stat().st_size > 0

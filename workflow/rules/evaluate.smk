@@ -1,0 +1,92 @@
+rule evaluate:
+    input:
+        predictions=lambda wildcards: [
+            f"{run}/predictions.csv"
+            for run in run_dirs(wildcards.encoder, wildcards.model)
+        ],
+        logs=lambda wildcards: [
+            f"{run}/log.csv" for run in run_dirs(wildcards.encoder, wildcards.model)
+        ],
+    output:
+        summary=eval_report("summary.csv", "summary"),
+        summary_md=f"{OUTDIR}/eval/{{encoder}}/{{model}}/summary.md",
+        summary_json=f"{OUTDIR}/eval/{{encoder}}/{{model}}/summary.json",
+        per_class=eval_report("per_class.csv", "per_class"),
+        roc=eval_report("roc_fine.png", "roc"),
+        roc_coarse=eval_report("roc_coarse_from_fine.png", "roc"),
+        confusion=eval_report("confusion_fine.png", "confusion"),
+        confusion_coarse=eval_report("confusion_coarse_from_fine.png", "confusion"),
+        curves=eval_report("training_curves.png", "training_curves"),
+    log:
+        f"{OUTDIR}/logs/evaluate/{{encoder}}/{{model}}.log",
+    conda:
+        "../../envs/train.yaml"
+    params:
+        runs=lambda wildcards: " ".join(run_dirs(wildcards.encoder, wildcards.model)),
+        out=subpath(output.summary, parent=True),
+        bootstrap=EVALUATION["bootstrap"],
+        seed=EVALUATION["seed"],
+    shell:
+        "python -m hmil.evaluate {params.runs} --out {params.out:q}"
+        " --name {wildcards.encoder}/{wildcards.model}"
+        " --bootstrap {params.bootstrap} --seed {params.seed} > {log:q} 2>&1"
+
+
+rule heatmaps:
+    input:
+        attention=f"{OUTDIR}/models/{{encoder}}/{{model}}/fold{{fold}}/attention.h5",
+        predictions=f"{OUTDIR}/models/{{encoder}}/{{model}}/fold{{fold}}/predictions.csv",
+        patches=expand(f"{OUTDIR}/patches/{{slide}}.h5", slide=SLIDE_IDS),
+        sheet=config["slides"],
+    output:
+        report(
+            directory(f"{OUTDIR}/eval/{{encoder}}/{{model}}/heatmaps/fold{{fold}}"),
+            patterns=["{name}.png"],
+            caption="../report/heatmaps.rst",
+            category="4. Attention heatmaps",
+            subcategory="{encoder} / {model} / fold {fold}",
+            labels={"slide": "{name}", "fold": "{fold}"},
+        ),
+    log:
+        f"{OUTDIR}/logs/heatmaps/{{encoder}}/{{model}}/fold{{fold}}.log",
+    conda:
+        "../../envs/train.yaml"
+    params:
+        patches=lambda wildcards, input: Path(input.patches[0]).parent,
+        top_k=EVALUATION["heatmap_top_k"],
+    shell:
+        "python -m hmil.heatmaps {input.attention:q} --slides {input.sheet:q}"
+        " --patches {params.patches:q} --predictions {input.predictions:q}"
+        " --top-k {params.top_k} --out {output:q} > {log:q} 2>&1"
+
+
+rule compare:
+    input:
+        expand(
+            f"{OUTDIR}/eval/{{encoder}}/{{model}}/summary.json",
+            encoder=ENCODERS,
+            model=MODELS,
+        ),
+    output:
+        table=report(
+            f"{OUTDIR}/eval/comparison.csv",
+            caption="../report/comparison.rst",
+            category="3. Evaluation",
+            subcategory="All models",
+        ),
+        markdown=f"{OUTDIR}/eval/comparison.md",
+        plot=report(
+            f"{OUTDIR}/eval/class_auc.png",
+            caption="../report/class_auc.rst",
+            category="3. Evaluation",
+            subcategory="All models",
+        ),
+    log:
+        f"{OUTDIR}/logs/compare.log",
+    conda:
+        "../../envs/train.yaml"
+    params:
+        runs=lambda wildcards, input: " ".join(str(Path(path).parent) for path in input),
+    shell:
+        "python -m hmil.compare {params.runs} --out {output.table:q}"
+        " --md {output.markdown:q} --plot {output.plot:q} > {log:q} 2>&1"

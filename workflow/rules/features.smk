@@ -1,0 +1,24 @@
+rule extract_features:
+    input:
+        patches=f"{OUTDIR}/patches/{{slide}}.h5",
+        slide=slide_file,
+        weights=weights_file,
+    output:
+        features=f"{OUTDIR}/features/{{encoder}}/{{slide}}.h5",
+        pt=f"{OUTDIR}/features/{{encoder}}/{{slide}}.pt",
+    log:
+        f"{OUTDIR}/logs/features/{{encoder}}/{{slide}}.log",
+    conda:
+        "../../envs/features.yaml"
+    threads: FEATURES["threads"]
+    resources:
+        mem_mb=FEATURES["mem_mb"],
+        runtime=120,
+        gpu=FEATURES["gpus"],
+    params:
+        slide=lambda wildcards: SLIDES.loc[wildcards.slide, "path"],
+        args=extract_arguments,
+    shell:
+        "python -m preprocessing.extract {params.slide:q} {input.patches:q}"
+        " --encoder {wildcards.encoder:q} --out {output.features:q} --out-pt {output.pt:q}"
+        " {params.args} > {log:q} 2>&1"

@@ -1,0 +1,32 @@
+rule train:
+    input:
+        features=lambda wildcards: expand(
+            f"{OUTDIR}/features/{wildcards.encoder}/{{slide}}.h5", slide=SLIDE_IDS
+        ),
+        splits=f"{OUTDIR}/splits/DATA_SPLIT.csv",
+        hierarchy=HIERARCHY_FILE,
+        teacher=teacher_checkpoint,
+    output:
+        model=f"{OUTDIR}/models/{{encoder}}/{{model}}/fold{{fold}}/model.pt",
+        predictions=f"{OUTDIR}/models/{{encoder}}/{{model}}/fold{{fold}}/predictions.csv",
+        metrics=f"{OUTDIR}/models/{{encoder}}/{{model}}/fold{{fold}}/metrics.json",
+        attention=f"{OUTDIR}/models/{{encoder}}/{{model}}/fold{{fold}}/attention.h5",
+        log=f"{OUTDIR}/models/{{encoder}}/{{model}}/fold{{fold}}/log.csv",
+    log:
+        f"{OUTDIR}/logs/train/{{encoder}}/{{model}}/fold{{fold}}.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: TRAINING["threads"]
+    resources:
+        mem_mb=TRAINING["mem_mb"],
+        runtime=240,
+        gpu=TRAINING["gpus"],
+    params:
+        features=lambda wildcards: f"{OUTDIR}/features/{wildcards.encoder}",
+        out=subpath(output.model, parent=True),
+        hierarchy=HIERARCHY,
+        args=training_arguments,
+    shell:
+        "python -m hmil.train --features {params.features:q} --splits {input.splits:q}"
+        " --fold {wildcards.fold} --model {wildcards.model} --hierarchy {params.hierarchy:q}"
+        " --out {params.out:q} {params.args} > {log:q} 2>&1"
