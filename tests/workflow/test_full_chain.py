@@ -1,0 +1,126 @@
+"""The whole chain in one Snakemake run, as the demo runs it but smaller: slides → patches →
+features → splits → training → evaluation → heatmaps → comparison → report.
+
+A cohort of 30 generated slides (6 classes, patients of 1–2 slides) plus one unreadable
+slide, a tiny random-weight timm encoder, two folds, HMIL and ABMIL for three epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+import yaml
+
+from preprocessing.synthetic import write_cohort
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ENCODER = "timm:resnet10t"
+MODELS = ["hmil", "abmil"]
+FOLDS = 2
+
+pytestmark = pytest.mark.workflow
+
+
+def write_config(folder: Path, sheet: Path, **changes) -> Path:
+    config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
+    config.update(
+        slides=str(sheet),
+        hierarchy=str(sheet.parent / "hierarchy.yaml"),
+        outdir=str(folder / "results"),
+        encoders=[ENCODER],
+        models=MODELS,
+    )
+    config["features"].update(weights={ENCODER: "random"}, batch_size=16, workers=0, threads=1)
+    config["splits"].update(folds=FOLDS, val_fraction=0.3)
+    config["training"].update(epochs=3, batch_bags=4, patience=3)
+    config["evaluation"].update(bootstrap=50, heatmap_top_k=4)
+    config.update(changes)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, fixture_slides, run_snakemake):
+    """Run the full workflow once; the tests below read what it made."""
+    folder = tmp_path_factory.mktemp("chain")
+    sheet_path = write_cohort(
+        folder / "cohort", n_slides=30, width=2000, height=1500, seed=2,
+        slides_per_patient=(2, 1, 1),
+    )  # fmt: skip
+    sheet = pd.read_csv(sheet_path)
+    shutil.copy(fixture_slides / "unreadable.svs", folder / "cohort" / "broken.svs")
+    sheet.loc[len(sheet)] = ["broken", "broken.svs", "P99", "normal"]
+    sheet.to_csv(sheet_path, index=False)
+    config = write_config(folder, sheet_path)
+    done = run_snakemake(config)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"folder": folder, "config": config, "results": folder / "results", "sheet": sheet}
+
+
+def test_every_stage_wrote_its_outputs(chain):
+    results = chain["results"]
+    slides = list(chain["sheet"]["slide_id"])
+    encoder_dir = results / "features" / ENCODER
+    for slide in slides:
+        assert (results / "patches" / f"{slide}.h5").is_file()
+        with h5py.File(encoder_dir / f"{slide}.h5") as features:
+            assert features.attrs["encoder"] == ENCODER
+            assert features.attrs["weights"] == "random"
+            expected = "failed" if slide == "broken" else "ok"
+            assert features.attrs["status"] == expected
+    splits = pd.read_csv(results / "splits" / "DATA_SPLIT.csv")
+    assert set(splits["slide_id"]) == set(slides)
+    for model in MODELS:
+        for fold in range(FOLDS):
+            run = results / "models" / ENCODER / model / f"fold{fold}"
+            metrics = json.loads((run / "metrics.json").read_text())
+            predictions = pd.read_csv(run / "predictions.csv")
+            test_slides = set(splits.loc[splits[f"fold{fold}"] == "test", "slide_id"])
+            # The unreadable slide is left out of training and evaluation, and says so.
+            assert set(predictions.loc[predictions["split"] == "test", "slide_id"]) == (
+                test_slides - {"broken"}
+            )
+            assert "broken" in metrics["excluded_slides"]
+            heatmaps = results / "eval" / ENCODER / model / "heatmaps" / f"fold{fold}"
+            for slide in test_slides - {"broken"}:
+                assert (heatmaps / f"{slide}.png").stat().st_size > 10_000
+        summary = json.loads((results / "eval" / ENCODER / model / "summary.json").read_text())
+        assert summary
+    comparison = pd.read_csv(results / "eval" / "comparison.csv")
+    assert len(comparison) == len(MODELS)
+    failed = pd.read_csv(results / "preprocessing" / "failed_slides.csv")
+    assert list(failed["slide_id"]) == ["broken"]
+
+
+def test_rerun_has_nothing_to_do_and_report_builds(chain, run_snakemake):
+    again = run_snakemake(chain["config"], "--dry-run")
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
+    report = chain["folder"] / "report.html"
+    built = run_snakemake(chain["config"], "--report", str(report))
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert report.stat().st_size > 100_000
+
+
+def test_new_encoder_schedules_features_and_downstream_only(chain, run_snakemake):
+    config = yaml.safe_load(chain["config"].read_text())
+    config["encoders"] = [ENCODER, "timm:resnet18"]
+    config["features"]["weights"]["timm:resnet18"] = "random"
+    path = chain["folder"] / "two_encoders.yaml"
+    path.write_text(yaml.safe_dump(config))
+    plan = run_snakemake(path, "--dry-run")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout, re.MULTILINE))
+    n_slides = len(chain["sheet"])
+    assert counts.get("extract_features") == str(n_slides)
+    assert counts.get("train") == str(len(MODELS) * FOLDS)
+    assert counts.get("evaluate") == str(len(MODELS))
+    assert "compare" in counts
+    for upstream in ("patch", "preprocess_summary", "splits"):
+        assert upstream not in counts, plan.stdout
