@@ -33,7 +33,18 @@ from hmil.models.output import MILOutput, coarse_probs_from_fine
 
 LOSS_PRESETS_PATH = Path(__file__).resolve().parents[1] / "config" / "loss_presets.yaml"
 
-TERMS = ("coarse_ce", "fine_ce", "bag_alignment", "instance_alignment", "contrastive")
+TERMS = (
+    "coarse_ce",
+    "fine_ce",
+    "bag_alignment",
+    "instance_alignment",
+    "contrastive",
+    "instance",
+    "consistency",
+)
+# Terms a model computes itself (MILOutput.auxiliary): CLAM's instance clustering loss,
+# DSMIL's max-instance loss (``instance``), MHIM's teacher–student loss (``consistency``).
+AUXILIARY_TERMS = ("instance", "consistency")
 
 # ---- schedules -------------------------------------------------------------------------------
 
@@ -190,6 +201,7 @@ class LossConfig:
 
     A weight is a number (constant) or a schedule name: ``curriculum`` (α(e)) or
     ``anti_curriculum`` (1 − α(e)). A weight of 0 switches its term off (not computed).
+    ``instance`` and ``consistency`` weight the model's own auxiliary terms (off by default).
     ``temperature`` is a number (constant τ) or ``cosine`` (:func:`temperature_schedule`).
     """
 
@@ -198,6 +210,8 @@ class LossConfig:
     bag_alignment: Weight = 1.0
     instance_alignment: Weight = 1.0
     contrastive: Weight = "anti_curriculum"
+    instance: Weight = 0.0
+    consistency: Weight = 0.0
     temperature: float | str = "cosine"
     base_temperature: float = 0.1
     bag_alignment_form: Literal["nll", "reference"] = "nll"
@@ -360,12 +374,36 @@ class HMILLoss(nn.Module):
                 base_temperature=self.config.base_temperature,
                 divide_by_batch=self.config.contrastive_divide_by_batch,
             )
+        for term in AUXILIARY_TERMS:
+            if self.config.is_enabled(term):
+                value = auxiliary_loss(outputs, fine_labels, term)
+                if value is not None:
+                    terms[term] = value
 
         total = fine_logits.new_zeros(())
         for term, weight in self.weights(epoch).items():
-            if weight != 0:
+            if weight != 0 and term in terms:
                 total = total + weight * terms[term]
         return {**terms, "total": total}
+
+
+def auxiliary_loss(
+    outputs: Sequence[MILOutput], fine_labels: torch.Tensor, term: str
+) -> torch.Tensor | None:
+    """Mean over bags of the model-computed term ``term`` (see ``MILOutput.auxiliary``).
+
+    None when no output carries it (e.g. MHIM's consistency term in eval mode, where there
+    is no teacher pass): the term is then neither reported nor added.
+    """
+    carried = [term in (output.auxiliary or {}) for output in outputs]
+    if not any(carried):
+        return None
+    if not all(carried):
+        raise ValueError(f"loss term {term!r} is computed for some bags of the batch only")
+    values = [
+        output.auxiliary[term](label) for output, label in zip(outputs, fine_labels, strict=True)
+    ]
+    return torch.stack(values).mean()
 
 
 def _required(value: torch.Tensor | None, term: str) -> torch.Tensor:

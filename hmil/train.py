@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from hmil.bags import BagDataset, BagError, drop_flagged_slides
 from hmil.hierarchy import HierarchyError
 from hmil.losses import HMILLoss, LossConfig
 from hmil.models import create_model, list_models
+from hmil.models.mhim import MHIM, TeacherError, load_teacher
 from hmil.training import (
     TrainConfig,
     TrainingError,
@@ -81,8 +83,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--loss-preset",
         default=None,
-        help="preset of config/loss_presets.yaml (default: hmil; flat for models without "
-        "a coarse head)",
+        help="preset of config/loss_presets.yaml (default: hmil; the model's own, e.g. clam, "
+        "dsmil, or flat for models without a coarse head)",
+    )
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="mhim_* models: the model.pt of the same fold's baseline run (e.g. "
+        "models/<encoder>/abmil/fold<k>/model.pt for mhim_abmil)",
+    )
+    parser.add_argument(
+        "--mhim-preset",
+        default=None,
+        help="mhim_* models: preset of config/mhim_presets.yaml (default: <student>_c16)",
     )
     parser.add_argument(
         "--restart-if-changed",
@@ -148,12 +161,27 @@ def train_fold(args: argparse.Namespace) -> int:
         )
 
     seed_everything(args.seed)
-    model = create_model(args.model, in_dim=in_dim, hierarchy=hierarchy).to(device)
-    loss_preset = args.loss_preset or ("hmil" if has_coarse_head(model, in_dim) else "flat")
+    model_kwargs = mhim_model_kwargs(args)
+    try:
+        model = create_model(args.model, in_dim=in_dim, hierarchy=hierarchy, **model_kwargs)
+    except ValueError as error:  # e.g. an unknown MHIM preset
+        raise TrainingError(str(error)) from None
+    model = model.to(device)
+    loss_preset = args.loss_preset or default_loss_preset(model, in_dim)
     try:
         loss_config = LossConfig.preset(loss_preset)
     except ValueError as error:
         raise TrainingError(str(error)) from None
+    teacher_sha256 = None
+    if isinstance(model, MHIM):
+        # one source for the consistency weight: the MHIM preset's cl_alpha
+        loss_config = dataclasses.replace(loss_config, consistency=model.config.cl_alpha)
+        try:
+            teacher_sha256 = load_teacher(
+                model, args.teacher, in_dim, list(hierarchy.fine), args.fold
+            )
+        except TeacherError as error:
+            raise TrainingError(f"--teacher {error}") from None
     config = TrainConfig(
         model=args.model,
         fold=args.fold,
@@ -166,6 +194,8 @@ def train_fold(args: argparse.Namespace) -> int:
         patience=args.patience,
         loss_preset=loss_preset,
         hierarchy=hierarchy_as_dict(hierarchy),
+        mhim_preset=model.preset if isinstance(model, MHIM) else None,
+        teacher_sha256=teacher_sha256,
     )
     if args.restart_if_changed:
         discard_other_settings(out, config)
@@ -176,7 +206,9 @@ def train_fold(args: argparse.Namespace) -> int:
     membership = hierarchy.membership_tensor()
     loss_fn = HMILLoss(membership, num_epochs=args.epochs, config=loss_config).to(device)
     optimizer_class = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
-    optimizer = optimizer_class(model.parameters(), lr=args.lr)
+    # trainable parameters only: an MHIM teacher follows the student by EMA, not by gradient
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = optimizer_class(trainable, lr=args.lr)
     if args.scheduler == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=0.1, patience=5
@@ -262,6 +294,31 @@ def optional_summary_writer(log_dir: Path):
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(log_dir))
+
+
+def mhim_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Model kwargs from the MHIM options; they belong to mhim_* models only."""
+    if not args.model.startswith("mhim_"):
+        for option in ("teacher", "mhim_preset"):
+            if getattr(args, option) is not None:
+                flag = "--" + option.replace("_", "-")
+                raise TrainingError(f"{flag} applies to mhim_* models only, not {args.model!r}")
+        return {}
+    if args.teacher is None:
+        student = args.model.removeprefix("mhim_")
+        raise TrainingError(
+            f"--model {args.model} needs --teacher PATH: the {student!r} model.pt of the same "
+            f"fold (e.g. models/<encoder>/{student}/fold{args.fold}/model.pt)"
+        )
+    return {"mhim": args.mhim_preset} if args.mhim_preset is not None else {}
+
+
+def default_loss_preset(model: torch.nn.Module, in_dim: int) -> str:
+    """hmil for models with a coarse head, else the model's own (``loss_preset``
+    attribute: clam, dsmil), else flat."""
+    if has_coarse_head(model, in_dim):
+        return "hmil"
+    return getattr(model, "loss_preset", "flat")
 
 
 def has_coarse_head(model: torch.nn.Module, in_dim: int) -> bool:
@@ -381,7 +438,11 @@ def write_final_outputs(
             {
                 "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                 "model": args.model,
-                "model_kwargs": {},
+                "model_kwargs": (
+                    {"mhim": model.preset or dataclasses.asdict(model.config)}
+                    if isinstance(model, MHIM)
+                    else {}
+                ),
                 "in_dim": in_dim,
                 "hierarchy": hierarchy_as_dict(hierarchy),
                 "config": config.as_dict(),

@@ -51,9 +51,18 @@ class TrainConfig:
     patience: int
     loss_preset: str
     hierarchy: dict[str, Any]
+    # MHIM runs only: the MHIM preset and the sha256 of the --teacher checkpoint
+    mhim_preset: str | None = None
+    teacher_sha256: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # optional fields appear only when set, so runs of other models keep their config
+        optional = ("mhim_preset", "teacher_sha256")
+        return {
+            key: value
+            for key, value in asdict(self).items()
+            if not (key in optional and value is None)
+        }
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -181,11 +190,18 @@ def train_epoch(
 
     Returns each loss term (and ``total``) averaged over bags (batch means weighted by
     batch size).
+
+    A model with training schedules of its own (MHIM's EMA teacher) may define
+    ``set_training_progress(p)``, called before each step with the fraction p ∈ [0, 1) of
+    the whole run done, and ``after_optimizer_step()``, called after each step.
     """
     model.train()
     sums: dict[str, float] = {}
     num_bags = 0
-    for batch in loader:
+    num_steps = len(loader)
+    for step, batch in enumerate(loader):
+        if hasattr(model, "set_training_progress"):
+            model.set_training_progress((epoch + step / num_steps) / loss_fn.num_epochs)
         with autocast_context(device):
             outputs = [model(features.to(device)) for features in batch.features]
             terms = loss_fn(
@@ -197,6 +213,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
+        if hasattr(model, "after_optimizer_step"):
+            model.after_optimizer_step()
         size = len(batch.features)
         num_bags += size
         for name, value in terms.items():

@@ -4,7 +4,7 @@ model = create_model("hmil", in_dim=features.shape[1], hierarchy=hierarchy)
 output = model(features)  # MILOutput
 """
 
-from hmil.models import abmil, hmil  # noqa: F401  (importing registers the models)
+from hmil.models import abmil, clam, dsmil, hmil, mhim, transmil  # noqa: F401  (registers)
 from hmil.models.output import MILOutput, coarse_probs_from_fine
 from hmil.models.registry import create_model, list_models, register_model
 

@@ -54,6 +54,7 @@ class ABMIL(nn.Module):
             fine_logits=self.classifier(bag_embedding).squeeze(0),
             fine_attention=attention,
             embeddings=F.normalize(bag_embedding, dim=-1),
+            bag_embedding=bag_embedding.squeeze(0),
         )
 
 

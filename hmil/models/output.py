@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+# A model-specific loss term of one bag, given the bag's fine label (a 0-d int64 tensor).
+AuxiliaryLoss = Callable[[torch.Tensor], torch.Tensor]
 
 
 def coarse_probs_from_fine(fine_probs: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
@@ -29,6 +33,12 @@ class MILOutput:
         coarse_attention: [C_c, N] class-wise coarse attention, or None.
         embeddings: [K, d] L2-normalised bag embeddings for the contrastive loss (K = C_f
             class slots for ``hmil``, 1 for single-attention models), or None.
+        bag_embedding: [d] the raw bag representation the fine classifier reads (class
+            slots flattened), for MHIM's teacher–student consistency loss; or None.
+        auxiliary: model-specific loss terms of this bag by name (``instance``: CLAM's
+            instance clustering loss, DSMIL's max-instance loss; ``consistency``: MHIM's
+            teacher–student loss), each a function of the fine label. ``HMILLoss`` weights
+            them with the ``LossConfig`` weight of the same name. Empty for most models.
     """
 
     fine_logits: torch.Tensor
@@ -36,6 +46,8 @@ class MILOutput:
     coarse_logits: torch.Tensor | None = None
     coarse_attention: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
+    bag_embedding: torch.Tensor | None = None
+    auxiliary: Mapping[str, AuxiliaryLoss] | None = None
 
     def fine_probs(self) -> torch.Tensor:
         """[C_f] softmax of the fine logits."""
