@@ -1,0 +1,622 @@
+"""Encode a slide's patches into features (`python -m preprocessing.extract`).
+
+Reads the patches h5 of `preprocessing.patch`, runs the patches through a registered
+encoder (`preprocessing.encoders`) and writes the features h5 plus a per-slide `.pt`
+tensor, together and atomically. The features h5 holds `features` (N×D, float32 by
+default: exact and what MIL training reads; `--dtype float16` halves the disk size) and
+`coords` (N×2 int64, the patches' order), the patching attributes and the provenance.
+
+A valid existing output is kept (checked with `validate_features`); an invalid one is
+rebuilt with a log line saying why. Flagged patches files (no tissue, failed slide) give
+an empty, flagged features file and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+from torch.fx.experimental import optimization as fx_optimization
+from tqdm import tqdm
+
+from preprocessing.atomic import atomic_outputs
+from preprocessing.cli import run_cli, setup_logging
+from preprocessing.encoders import EncoderSpec, build_encoder, get_encoder_spec, weights_record
+from preprocessing.errors import PipelineError, SlideError
+from preprocessing.patch_dataset import (
+    PatchDataset,
+    ReadGeometry,
+    iter_batches,
+    patch_loader,
+    read_geometry,
+)
+from preprocessing.provenance import code_version
+from preprocessing.slide import open_slide
+
+log = logging.getLogger("hmil.extract")
+
+STATUS_OK, STATUS_EMPTY, STATUS_FAILED = "ok", "empty", "failed"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("float32", "float16")
+#: Attributes the features file sets itself; the patches file's values are kept as `patches_<key>`.
+_OWN_ATTRIBUTES = ("status", "status_reason", "n_patches", "code_version", "params")
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Patches:
+    """The patches h5 of one slide: coords (N×2 int64, level-0 top-left) and root attributes."""
+
+    path: Path
+    coords: np.ndarray
+    attrs: dict
+
+    @property
+    def status(self) -> str:
+        status = str(self.attrs.get("status", STATUS_OK))
+        return STATUS_EMPTY if status == STATUS_OK and len(self.coords) == 0 else status
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs.get("slide_id", self.path.stem))
+
+    def patch_size_level0(self) -> float:
+        for key in ("patch_size_level0_exact", "patch_size_level0"):
+            if key in self.attrs:
+                return float(self.attrs[key])
+        raise PipelineError(f"{self.path}: patches file has no patch_size_level0 attribute")
+
+    def slide_mpp(self) -> float:
+        if "slide_mpp" not in self.attrs:
+            raise PipelineError(f"{self.path}: patches file has no slide_mpp attribute")
+        return float(self.attrs["slide_mpp"])
+
+
+def read_patches(path: str | Path) -> Patches:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: patches file not found")
+    try:
+        with h5py.File(path, "r") as h5:
+            if "coords" not in h5:
+                raise PipelineError(f"{path}: patches file has no `coords` dataset")
+            coords = np.asarray(h5["coords"][:], dtype=np.int64).reshape(-1, 2)
+            attrs = {key: _plain(value) for key, value in h5.attrs.items()}
+    except OSError as err:
+        raise PipelineError(f"{path}: not a readable patches h5 file ({err})") from None
+    return Patches(path, coords, attrs)
+
+
+def _plain(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --- inference -------------------------------------------------------------------------------
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(
+            "--device cuda: no CUDA GPU is available to torch; use --device cpu or auto"
+        )
+    return torch.device(requested)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise PipelineError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return requested
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold eval-mode BatchNorm into the preceding convolution (same function, fewer memory
+    passes: CNN encoders run markedly faster on CPUs). Models without BatchNorm, or that
+    torch.fx cannot trace, are returned unchanged."""
+    if not any(type(m) is nn.BatchNorm2d for m in model.modules()):
+        return model
+    try:
+        fused = fx_optimization.fuse(model)
+    except Exception as err:  # tracing limits are model-specific; folding is only a speed-up
+        log.debug("BatchNorm not folded (%s: %s)", type(err).__name__, err)
+        return model
+    if hasattr(model, "num_features"):
+        fused.num_features = model.num_features
+    return fused.eval()
+
+
+class EncoderRunner:
+    """uint8 batches → float32 features: normalise on the device, channels-last, autocast.
+
+    With `compile`, the encoder is compiled once for `batch_size` (inductor, weights frozen
+    as constants); smaller batches are padded to that size rather than recompiled.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: EncoderSpec,
+        device: torch.device,
+        precision: str = "fp32",
+        compile: bool = False,
+        batch_size: int = 64,
+    ):
+        self.device = device
+        self.amp_dtype = PRECISIONS[precision]
+        self.input_size = spec.input_size
+        self.model = fold_batchnorm(model).to(device, memory_format=torch.channels_last)
+        self.compiled_batch = batch_size if compile else None
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input shape: pick the fastest kernels
+        if compile:
+            self.model = torch.compile(self.model, dynamic=False, options={"freezing": True})
+        # (x / 255 - mean) / std as one multiply-add on the device.
+        std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -mean / std
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 → (B, D) float32 on the CPU."""
+        count = len(images)
+        if self.compiled_batch and count < self.compiled_batch:
+            padding = images.new_zeros((self.compiled_batch - count, *images.shape[1:]))
+            images = torch.cat([images, padding])
+        x = images.to(self.device, non_blocking=True).float()
+        x = torch.addcmul(self.shift, x, self.scale).contiguous(memory_format=torch.channels_last)
+        enabled = self.amp_dtype is not None
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled
+        ):
+            features = self.model(x)
+        return features[:count].float().cpu()
+
+    def warm_up(self) -> float:
+        """Run one batch of zeros (compiles a compiled encoder); returns the seconds it took."""
+        start = time.perf_counter()
+        side = self.input_size
+        self(torch.zeros((self.compiled_batch or 1, 3, side, side), dtype=torch.uint8))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+@dataclass
+class Extraction:
+    features: np.ndarray  #: (K, D) float32 of the readable patches, in coords order
+    kept: np.ndarray  #: (N,) bool: the patch's row is in `features`
+    errors: dict[int, str]  #: coords row → OpenSlide message, for skipped patches
+    seconds: float
+
+    @property
+    def skipped_indices(self) -> np.ndarray:
+        return np.flatnonzero(~self.kept)
+
+
+def extract_features(
+    dataset: PatchDataset,
+    runner: EncoderRunner,
+    feature_dim: int,
+    batch_size: int = 64,
+    workers: int = 0,
+    on_bad_patch: str = "fail",
+    progress: bool = True,
+) -> Extraction:
+    """Run every patch of `dataset` through `runner`; rows follow the dataset's coords order.
+
+    A patch whose tile cannot be read stops the run (`fail`, a `SlideError` naming its
+    level-0 coordinate) or is left out and recorded (`skip`).
+    """
+    count = len(dataset)
+    features = np.zeros((count, feature_dim), np.float32)
+    kept = np.ones(count, bool)
+    errors: dict[int, str] = {}
+    loader = patch_loader(dataset, batch_size, workers, pin_memory=runner.device.type == "cuda")
+    start = time.perf_counter()
+    bar = tqdm(
+        iter_batches(loader),
+        total=len(loader),
+        desc=dataset.slide_path.name,
+        unit="batch",
+        disable=not progress,
+    )
+    for batch in bar:
+        images, rows = batch.images, batch.indices.numpy()
+        if not batch.ok.all():
+            bad = np.flatnonzero(~batch.ok.numpy())
+            if on_bad_patch == "fail":
+                x, y = dataset.coords[rows[bad[0]]]
+                raise SlideError(
+                    dataset.slide_path,
+                    f"tile data cannot be read for the patch at level-0 ({x}, {y}), level "
+                    f"{dataset.geometry.level} ({batch.errors[bad[0]]}); "
+                    "--on-bad-patch skip leaves such patches out",
+                )
+            for position in bad:
+                errors[int(rows[position])] = batch.errors[position]
+            kept[rows[bad]] = False
+            images, rows = images[batch.ok], rows[batch.ok.numpy()]
+        if len(rows):
+            features[rows] = runner(images).numpy()
+    dataset.close()
+    seconds = time.perf_counter() - start
+    return Extraction(features[kept], kept, errors, seconds)
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+def default_pt_path(out: Path) -> Path:
+    return out.with_suffix(".pt")
+
+
+def write_features(
+    out: Path,
+    out_pt: Path | None,
+    features: np.ndarray,
+    coords: np.ndarray,
+    skipped: np.ndarray,
+    patches: Patches,
+    attrs: dict,
+    dtype: str,
+) -> None:
+    """Features h5 (+ `.pt` float32 tensor) written together: both appear or neither does."""
+    merged = {}
+    for key, value in patches.attrs.items():
+        merged[f"patches_{key}" if key in _OWN_ATTRIBUTES else key] = value
+    merged.update(attrs)
+    merged["n_patches"] = len(features)
+    merged["n_skipped"] = len(skipped)
+    largest = float(np.abs(features).max(initial=0.0))
+    if dtype == "float16" and largest > np.finfo(np.float16).max:
+        raise PipelineError(
+            f"{out}: features reach {largest:.3g}, beyond float16; use --dtype float32"
+        )
+    with atomic_outputs(out, out_pt) as (out_tmp, pt_tmp):
+        with h5py.File(out_tmp, "w") as h5:
+            h5.create_dataset("features", data=features.astype(dtype, copy=False))
+            h5.create_dataset("coords", data=coords.astype(np.int64).reshape(-1, 2))
+            h5.create_dataset("skipped_indices", data=skipped.astype(np.int64))
+            h5.create_dataset("skipped_coords", data=patches.coords[skipped].reshape(-1, 2))
+            for key, value in merged.items():
+                h5.attrs[key] = value
+        if pt_tmp is not None:
+            torch.save(torch.from_numpy(np.ascontiguousarray(features, np.float32)), pt_tmp)
+
+
+def validate_features(
+    path: str | Path,
+    patches_path: str | Path | None = None,
+    encoder: str | None = None,
+    weights: str | None = None,
+    dtype: str | None = None,
+    pt_path: str | Path | None = None,
+) -> str | None:
+    """Why the features file at `path` is not a complete, consistent output, or None if it is.
+
+    Checks: readable h5, `features` N×D with D == `feature_dim`, `coords` N×2, every value
+    finite; optionally the patches file (same coords in the same order, skipped rows
+    accounted for), the encoder name, weights record, dtype and the `.pt` twin.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "file not found"
+    try:
+        with h5py.File(path, "r") as h5:
+            for name in ("features", "coords"):
+                if name not in h5:
+                    return f"no `{name}` dataset"
+            shape, coords = h5["features"].shape, h5["coords"][:]
+            attrs = {key: _plain(value) for key, value in h5.attrs.items()}
+            file_dtype = str(h5["features"].dtype)
+            skipped = h5["skipped_indices"][:] if "skipped_indices" in h5 else np.zeros(0, int)
+            if len(shape) != 2:
+                return f"features has shape {shape}, expected N×D"
+            for start in range(0, shape[0], 65536):  # bounded memory on huge slides
+                if not np.isfinite(h5["features"][start : start + 65536]).all():
+                    return "features hold NaN or Inf values"
+    except OSError as err:
+        return f"not a readable HDF5 file ({err})"
+    for key in ("encoder", "weights", "feature_dim"):
+        if key not in attrs:
+            return f"no `{key}` attribute"
+    if shape[1] != int(attrs["feature_dim"]):
+        return f"features are {shape[1]}-d but feature_dim says {attrs['feature_dim']}"
+    if coords.shape != (shape[0], 2):
+        return f"coords {coords.shape} do not match features {shape}"
+    if encoder is not None and attrs["encoder"] != encoder:
+        return f"made by encoder {attrs['encoder']}, not {encoder}"
+    if weights is not None and attrs["weights"] != weights:
+        return f"made with weights {attrs['weights']}, not {weights}"
+    if dtype is not None and file_dtype != dtype:
+        return f"features are {file_dtype}, not {dtype}"
+    if encoder is not None:
+        try:
+            spec = get_encoder_spec(encoder)
+        except PipelineError as err:
+            return str(err)
+        if shape[1] != spec.feature_dim:
+            return f"features are {shape[1]}-d, encoder {encoder} gives {spec.feature_dim}"
+    if patches_path is not None:
+        try:
+            patches = read_patches(patches_path)
+        except PipelineError as err:
+            return str(err)
+        if patches.status != STATUS_OK:
+            if shape[0]:
+                return f"patches file is flagged {patches.status} but features hold rows"
+        else:
+            if len(coords) + len(skipped) != len(patches.coords):
+                return (
+                    f"{len(coords)} feature rows + {len(skipped)} skipped != "
+                    f"{len(patches.coords)} patches in {patches.path}"
+                )
+            if not np.array_equal(np.delete(patches.coords, skipped, axis=0), coords):
+                return f"coords differ from those of {patches.path}"
+    if pt_path is not None:
+        return _validate_pt(Path(pt_path), shape)
+    return None
+
+
+def _validate_pt(path: Path, shape: tuple[int, ...]) -> str | None:
+    if not path.is_file():
+        return f"{path.name} not found"
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle errors: all mean "rebuild"
+        return f"{path.name} is not readable ({type(err).__name__})"
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(shape):
+        return f"{path.name} does not hold a {shape[0]}×{shape[1]} tensor"
+    return None
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    encoder: str
+    weights: str | None
+    batch_size: int
+    workers: int
+    device: str
+    precision: str
+    dtype: str
+    on_bad_patch: str
+    compile: bool
+
+
+def default_workers(device: torch.device) -> int:
+    """CPU: one reader beside the encoder's threads; GPU: enough readers to feed it."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 if device.type == "cpu" else max(1, min(8, (cpus or 2) - 1))
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocessing.extract",
+        description="Encode the patches of one slide into a features h5 (+ .pt tensor).",
+    )
+    parser.add_argument("slide", type=Path, help="slide file (any format OpenSlide reads)")
+    parser.add_argument("patches", type=Path, help="patches h5 of preprocessing.patch")
+    parser.add_argument("--encoder", required=True, help="registered name or timm:<model>")
+    parser.add_argument("--out", type=Path, required=True, help="features h5 to write")
+    parser.add_argument(
+        "--weights", help="checkpoint file, or 'random' (tests only); default: download"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument(
+        "--workers", type=_count, help="reader processes (default: 1 on CPU, up to 8 on GPU)"
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto: bf16 autocast on CUDA, fp32 on CPU",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, help="stored feature type (default float32)")
+    parser.add_argument(
+        "--on-bad-patch",
+        choices=("fail", "skip"),
+        default="fail",
+        help="unreadable tile: fail (default) or leave the patch out and record it",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    parser.add_argument(
+        "--check", action="store_true", help="only validate an existing --out; exit 1 if invalid"
+    )
+    out_pt = parser.add_mutually_exclusive_group()
+    out_pt.add_argument("--out-pt", type=Path, help="N×D float32 tensor (default: --out with .pt)")
+    out_pt.add_argument("--no-pt", action="store_true", help="write no .pt tensor")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    spec = get_encoder_spec(args.encoder)
+    patches = read_patches(args.patches)
+    out_pt = None if args.no_pt else (args.out_pt or default_pt_path(args.out))
+    if args.check:  # compares weights and dtype only when they are given
+        record = weights_record(spec, args.weights) if args.weights else None
+        problem = validate_features(args.out, args.patches, spec.name, record, args.dtype, out_pt)
+        if problem:
+            raise PipelineError(f"{args.out}: {problem}")
+        print(f"{args.out}: valid features of {patches.slide_id}")
+        return 0
+
+    dtype = args.dtype or "float32"
+    record = weights_record(spec, args.weights)
+    if args.out.exists():
+        problem = validate_features(args.out, args.patches, spec.name, record, dtype, out_pt)
+        if problem is None:
+            print(f"{patches.slide_id}: {args.out} is already complete and valid; skipped")
+            return 0
+        log.warning("%s: existing output is invalid (%s); recomputing", args.out, problem)
+
+    device = resolve_device(args.device)
+    if args.device == "auto" and device.type == "cpu":
+        log.warning("no CUDA GPU available: extracting on the CPU")
+    params = ExtractParams(
+        encoder=args.encoder,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        workers=default_workers(device) if args.workers is None else args.workers,
+        device=args.device,
+        precision=resolve_precision(args.precision, device),
+        dtype=dtype,
+        on_bad_patch=args.on_bad_patch,
+        compile=args.compile,
+    )
+    attrs = {
+        "encoder": spec.name,
+        "weights": record,
+        "feature_dim": spec.feature_dim,
+        "precision": params.precision,
+        "device": str(device),
+        "dtype": dtype,
+        "encoder_input_size": spec.input_size,
+        "encoder_mpp": spec.mpp,
+        "code_version": code_version(),
+        "params": json.dumps({**asdict(params), "slide": str(args.slide)}, sort_keys=True),
+    }
+    if patches.status != STATUS_OK:
+        reason = str(patches.attrs.get("status_reason", "")) or "no patches"
+        attrs.update(status=patches.status, status_reason=reason)
+        empty, no_rows = np.zeros((0, spec.feature_dim), np.float32), np.zeros(0, np.int64)
+        no_coords = np.zeros((0, 2), np.int64)
+        write_features(args.out, out_pt, empty, no_coords, no_rows, patches, attrs, dtype)
+        print(
+            f"warning: {args.slide}: patches file is flagged {patches.status} ({reason}); "
+            f"wrote an empty features file {args.out}"
+        )
+        return 0
+    line = extract_slide(args, patches, spec, device, params, attrs, out_pt)
+    print(line)
+    return 0
+
+
+def extract_slide(
+    args: argparse.Namespace,
+    patches: Patches,
+    spec: EncoderSpec,
+    device: torch.device,
+    params: ExtractParams,
+    attrs: dict,
+    out_pt: Path | None,
+) -> str:
+    """Encode the patches of a slide and write its outputs; returns the summary line."""
+    geometry = _slide_geometry(args.slide, patches, spec)
+    model, spec, record = build_encoder(spec.name, args.weights)
+    runner = EncoderRunner(model, spec, device, params.precision, params.compile, args.batch_size)
+    if params.compile:
+        log.info("compiled %s in %.1f s", spec.name, runner.warm_up())
+    dataset = PatchDataset(args.slide, patches.coords, geometry)
+    result = extract_features(
+        dataset,
+        runner,
+        spec.feature_dim,
+        params.batch_size,
+        params.workers,
+        params.on_bad_patch,
+        progress=not args.no_progress,
+    )
+    skipped, coords = result.skipped_indices, patches.coords[result.kept]
+    not_finite = np.flatnonzero(~np.isfinite(result.features).all(axis=1))
+    if len(not_finite):
+        x, y = coords[not_finite[0]]
+        raise PipelineError(
+            f"{args.slide}: encoder {spec.name} gave NaN/Inf features for {len(not_finite)} "
+            f"patches (first at level-0 ({x}, {y})); check the weights ({record})"
+        )
+    for row, message in result.errors.items():
+        x, y = patches.coords[row]
+        log.warning(
+            "%s: skipped unreadable patch at level-0 (%d, %d) (%s)", args.slide, x, y, message
+        )
+    attrs.update(read_level=geometry.level, read_size=geometry.region_size)
+    if len(skipped) == len(patches.coords):
+        attrs.update(status=STATUS_FAILED, status_reason="no patch could be read")
+    else:
+        reason = f"{len(skipped)} unreadable patches skipped" if len(skipped) else ""
+        attrs.update(status=STATUS_OK, status_reason=reason)
+    write_features(args.out, out_pt, result.features, coords, skipped, patches, attrs, params.dtype)
+    rate = len(patches.coords) / max(result.seconds, 1e-9)
+    log.info(
+        "%s: %.1f patches/s (%s, %s, %d workers)",
+        patches.slide_id,
+        rate,
+        device,
+        params.precision,
+        params.workers,
+    )
+    line = (
+        f"{patches.slide_id}: {len(coords)} patches → {spec.feature_dim}-d features "
+        f"({spec.name}, {params.precision} on {device}), {rate:.1f} patches/s"
+    )
+    if len(skipped):
+        line = f"warning: {args.slide}: {len(skipped)} unreadable patches skipped; {line}"
+    return line
+
+
+def _slide_geometry(slide_path: Path, patches: Patches, spec: EncoderSpec) -> ReadGeometry:
+    """Where to read: checked against the patches file so a wrong slide is caught, not encoded."""
+    slide = open_slide(slide_path)
+    try:
+        expected = (patches.attrs.get("level0_width"), patches.attrs.get("level0_height"))
+        if None not in expected and tuple(int(v) for v in expected) != slide.dimensions:
+            raise SlideError(
+                slide_path,
+                f"level-0 size {slide.dimensions[0]}×{slide.dimensions[1]} differs from the "
+                f"{expected[0]}×{expected[1]} of {patches.path}: not the slide it was patched from",
+            )
+        slide_mpp, target_mpp = patches.slide_mpp(), float(patches.attrs.get("target_mpp", 0))
+        if target_mpp and abs(target_mpp - spec.mpp) / spec.mpp > 0.1:
+            log.warning(
+                "%s: patches are at %.3g µm/px, encoder %s expects %.3g",
+                patches.path,
+                target_mpp,
+                spec.name,
+                spec.mpp,
+            )
+        return read_geometry(
+            slide, slide_mpp, patches.patch_size_level0(), spec.mpp, spec.input_size
+        )
+    finally:
+        slide.close()
+
+
+if __name__ == "__main__":
+    run_cli(main)
