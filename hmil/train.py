@@ -252,7 +252,9 @@ def train_fold(args: argparse.Namespace) -> int:
         val = predict(model, val_loader, membership, device, loss_fn, epoch)
         lr = optimizer.param_groups[0]["lr"]
         if args.scheduler == "plateau":
-            scheduler.step(val.loss["total"])
+            # Fine CE, not the total: HMIL's total grows by design as the contrastive weight
+            # rises, which would cut the lr every few epochs whatever the model learns.
+            scheduler.step(val.loss.get("fine_ce", val.loss["total"]))
         else:
             scheduler.step()
         row = epoch_log_row(epoch, loss_fn, lr, train_terms, val, time.perf_counter() - started)
