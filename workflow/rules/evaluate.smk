@@ -54,10 +54,11 @@ rule heatmaps:
     params:
         patches=lambda wildcards, input: Path(input.patches[0]).parent,
         top_k=EVALUATION["heatmap_top_k"],
+        size=EVALUATION["heatmap_size"],
     shell:
         "python -m hmil.heatmaps {input.attention:q} --slides {input.sheet:q}"
         " --patches {params.patches:q} --predictions {input.predictions:q}"
-        " --top-k {params.top_k} --out {output:q} > {log:q} 2>&1"
+        " --top-k {params.top_k} --thumbnail-size {params.size} --out {output:q} > {log:q} 2>&1"
 
 
 rule compare:
