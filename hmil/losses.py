@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from hmil.models.output import MILOutput, coarse_probs_from_fine
+from hmil.presets import dataclass_from_mapping, get_preset, load_presets
 
 LOSS_PRESETS_PATH = Path(__file__).resolve().parents[1] / "config" / "loss_presets.yaml"
 
@@ -248,23 +248,12 @@ class LossConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "loss config") -> LossConfig:
         """Build from a mapping of field overrides; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
-            )
-        return cls(**values)
+        return dataclass_from_mapping(cls, values, source)
 
     @classmethod
     def preset(cls, name: str, path: str | Path = LOSS_PRESETS_PATH) -> LossConfig:
         """A named preset from ``config/loss_presets.yaml`` (fields not given: defaults)."""
-        presets = load_loss_presets(path)
-        if name not in presets:
-            raise ValueError(
-                f"{path}: unknown loss preset {name!r} (presets: {', '.join(presets)})"
-            )
-        return presets[name]
+        return get_preset(cls, name, path, "loss")
 
     def is_enabled(self, term: str) -> bool:
         """False only for a constant weight of 0: such a term is never computed."""
@@ -287,14 +276,7 @@ class LossConfig:
 
 def load_loss_presets(path: str | Path = LOSS_PRESETS_PATH) -> dict[str, LossConfig]:
     """All presets of a loss-preset YAML file (``name: {field: value, ...}``), validated."""
-    path = Path(path)
-    spec = yaml.safe_load(path.read_text())
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"{path}: expected a mapping of preset name → settings")
-    return {
-        str(name): LossConfig.from_mapping(values or {}, source=f"{path}: preset {name!r}")
-        for name, values in spec.items()
-    }
+    return load_presets(LossConfig, path)
 
 
 # ---- the total -------------------------------------------------------------------------------

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from torch import nn
+
+from hmil.presets import dataclass_from_mapping, get_preset, load_presets
 
 MHIM_PRESETS_PATH = Path(__file__).resolve().parents[1] / "config" / "mhim_presets.yaml"
 
@@ -92,35 +93,17 @@ class MHIMConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "MHIM config") -> MHIMConfig:
         """Build from a mapping of field overrides; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
-            )
-        return cls(**values)
+        return dataclass_from_mapping(cls, values, source)
 
     @classmethod
     def preset(cls, name: str, path: str | Path = MHIM_PRESETS_PATH) -> MHIMConfig:
         """A named preset from ``config/mhim_presets.yaml``."""
-        presets = load_mhim_presets(path)
-        if name not in presets:
-            raise ValueError(
-                f"{path}: unknown MHIM preset {name!r} (presets: {', '.join(presets)})"
-            )
-        return presets[name]
+        return get_preset(cls, name, path, "MHIM")
 
 
 def load_mhim_presets(path: str | Path = MHIM_PRESETS_PATH) -> dict[str, MHIMConfig]:
     """All presets of an MHIM preset YAML file (``name: {field: value, ...}``), validated."""
-    path = Path(path)
-    spec = yaml.safe_load(path.read_text())
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"{path}: expected a mapping of preset name → settings")
-    return {
-        str(name): MHIMConfig.from_mapping(values or {}, source=f"{path}: preset {name!r}")
-        for name, values in spec.items()
-    }
+    return load_presets(MHIMConfig, path)
 
 
 def cosine_schedule(start: float, end: float, progress: float) -> float:

@@ -1,0 +1,47 @@
+"""Frozen config dataclasses built from YAML mappings and named presets, checked once.
+
+Loss and MHIM settings share this: unknown keys are an error naming the source, and a
+preset file is ``name: {field: value, ...}`` with unset fields at their defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def dataclass_from_mapping(cls: type[T], values: Mapping[str, Any], source: str) -> T:
+    """``cls(**values)``; an unknown key is a ValueError naming ``source`` and the known keys."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
+    return cls(**values)
+
+
+def load_presets(cls: type[T], path: str | Path) -> dict[str, T]:
+    """All presets of a YAML file (``name: {field: value, ...}``), validated."""
+    path = Path(path)
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{path}: expected a mapping of preset name → settings")
+    return {
+        str(name): dataclass_from_mapping(cls, values or {}, f"{path}: preset {name!r}")
+        for name, values in spec.items()
+    }
+
+
+def get_preset(cls: type[T], name: str, path: str | Path, kind: str) -> T:
+    """Preset ``name`` of ``path``; an unknown name is a ValueError listing the presets."""
+    presets = load_presets(cls, path)
+    if name not in presets:
+        raise ValueError(f"{path}: unknown {kind} preset {name!r} (presets: {', '.join(presets)})")
+    return presets[name]
