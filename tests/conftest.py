@@ -57,7 +57,9 @@ def snakemake_command(config: Path, *extra: str) -> list[str]:
 def run_snakemake():
     """Run the workflow with a test config; returns the CompletedProcess (text output)."""
 
-    def run(config: Path, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(snakemake_command(config, *extra), capture_output=True, text=True)
+    def run(config: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            snakemake_command(config, *extra), capture_output=True, text=True, **kwargs
+        )
 
     return run

@@ -124,3 +124,32 @@ def test_new_encoder_schedules_features_and_downstream_only(chain, run_snakemake
     assert "compare" in counts
     for upstream in ("patch", "preprocess_summary", "splits"):
         assert upstream not in counts, plan.stdout
+
+
+def planned_jobs(plan) -> dict[str, int]:
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", plan.stdout, re.MULTILINE)}
+
+
+def test_readme_rerun_examples_schedule_what_they_say(chain, run_snakemake):
+    """The README's cluster section: features only for a new encoder (--until), retraining
+    one model (--forcerun train --until its summary), re-extracting one encoder's files."""
+    results, n_slides = chain["results"], len(chain["sheet"])
+    config = yaml.safe_load(chain["config"].read_text())
+    config["encoders"] = [ENCODER, "timm:resnet18"]
+    config["features"]["weights"]["timm:resnet18"] = "random"
+    two = chain["folder"] / "readme_two_encoders.yaml"
+    two.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(run_snakemake(two, "--dry-run", "--until", "extract_features"))
+    assert jobs == {"extract_features": n_slides, "total": n_slides}
+
+    summary = results / "eval" / ENCODER / "hmil" / "summary.csv"
+    jobs = planned_jobs(
+        run_snakemake(chain["config"], "--dry-run", "--forcerun", "train", "--until", str(summary))
+    )
+    assert jobs == {"train": FOLDS, "evaluate": 1, "total": FOLDS + 1}
+
+    features = sorted((results / "features" / ENCODER).glob("*.h5"))[:2]
+    rebuild = ["--forcerun", *map(str, features), "--until", "extract_features"]
+    jobs = planned_jobs(run_snakemake(chain["config"], "--dry-run", *rebuild))
+    assert jobs == {"extract_features": 2, "total": 2}

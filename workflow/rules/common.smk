@@ -35,6 +35,7 @@ SPLITS = config["splits"]
 TRAINING = config["training"]
 EVALUATION = config["evaluation"]
 ENCODERS = config["encoders"]
+CLUSTER = config["cluster"]
 FOLDS = list(range(SPLITS["folds"]))
 # The hierarchy is a YAML file (then a Snakemake input) or a preset name.
 HIERARCHY = config["hierarchy"]
@@ -52,6 +53,16 @@ MODELS = list(
         )
     )
 )
+
+
+def slurm_partition(gpus=0):
+    """SLURM partition of a job; empty leaves the choice to the cluster's default."""
+    return (gpus and CLUSTER["gpu_partition"]) or CLUSTER["partition"]
+
+
+def scaled(value):
+    """A resource that doubles on each retry, so a job killed for memory or time gets more."""
+    return lambda wildcards, attempt: value * 2 ** (attempt - 1)
 
 
 def alternatives(values):

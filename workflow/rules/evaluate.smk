@@ -21,6 +21,10 @@ rule evaluate:
         f"{OUTDIR}/logs/evaluate/{{encoder}}/{{model}}.log",
     conda:
         "../../envs/train.yaml"
+    resources:
+        mem_mb=scaled(4000),
+        runtime=scaled(30),
+        slurm_partition=slurm_partition(),
     params:
         runs=lambda wildcards: " ".join(run_dirs(wildcards.encoder, wildcards.model)),
         out=subpath(output.summary, parent=True),
@@ -51,6 +55,10 @@ rule heatmaps:
         f"{OUTDIR}/logs/heatmaps/{{encoder}}/{{model}}/fold{{fold}}.log",
     conda:
         "../../envs/train.yaml"
+    resources:
+        mem_mb=scaled(4000),
+        runtime=scaled(30),
+        slurm_partition=slurm_partition(),
     params:
         patches=lambda wildcards, input: Path(input.patches[0]).parent,
         top_k=EVALUATION["heatmap_top_k"],

@@ -12,9 +12,10 @@ rule extract_features:
         "../../envs/features.yaml"
     threads: FEATURES["threads"]
     resources:
-        mem_mb=FEATURES["mem_mb"],
-        runtime=120,
+        mem_mb=scaled(FEATURES["mem_mb"]),
+        runtime=scaled(120),
         gpu=FEATURES["gpus"],
+        slurm_partition=slurm_partition(FEATURES["gpus"]),
     params:
         slide=lambda wildcards: SLIDES.loc[wildcards.slide, "path"],
         args=extract_arguments,

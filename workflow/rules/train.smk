@@ -18,9 +18,10 @@ rule train:
         "../../envs/train.yaml"
     threads: TRAINING["threads"]
     resources:
-        mem_mb=TRAINING["mem_mb"],
-        runtime=240,
+        mem_mb=scaled(TRAINING["mem_mb"]),
+        runtime=scaled(240),
         gpu=TRAINING["gpus"],
+        slurm_partition=slurm_partition(TRAINING["gpus"]),
     params:
         features=lambda wildcards: f"{OUTDIR}/features/{wildcards.encoder}",
         out=subpath(output.model, parent=True),
