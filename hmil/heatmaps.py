@@ -7,8 +7,10 @@
 For every slide group of attention.h5 (the test slides of a fold, see
 :func:`hmil.training.write_attention`) it writes ``<out>/<slide_id>.png`` (one panel per
 branch: coarse, then fine; a single panel for single-branch models) and
-``<out>/<slide_id>_top.png`` (the ``top-k`` patches of the fine panel's attention row, read
-from the slide at full patch resolution, with their raw attention).
+``<out>/<slide_id>_top.jpg`` (the ``top-k`` patches of the fine panel's attention row, read
+from the slide at full patch resolution, with their raw attention). The montage is a
+JPEG because it is tissue photographs: a quarter of the PNG's size, which is what keeps
+the report of a large cohort small.
 
 Class-wise attention has one row per class: the panel shows the predicted class's row
 (``--predictions``), else the row with the largest maximum, and says which.
@@ -20,7 +22,7 @@ therefore rank-normalised within the slide (CLAM's percentile scores): the hotte
 never across slides; the raw values are printed on the montage.
 
 A slide missing from the sheet, an unreadable slide or patches file, or attention that does
-not match its coordinates gives a warning and a card in place of both PNGs; the other
+not match its coordinates gives a warning and a card in place of both images; the other
 slides go on. A missing or unreadable attention.h5 is one error line.
 """
 
@@ -60,6 +62,8 @@ log = logging.getLogger("hmil.heatmaps")
 COLORMAP = "jet"
 OVERLAY_ALPHA = 0.45  #: opacity of the colour over the tissue
 DPI = 100
+HEATMAP_SUFFIX, MONTAGE_SUFFIX = ".png", "_top.jpg"
+JPEG_QUALITY = 90
 #: Heatmap figure layout in pixels: every panel shows the thumbnail one-to-one.
 PAD, TITLE_BAND, PANEL_TITLE_BAND, COLORBAR_BAND = 16, 56, 28, 76
 MIN_FIGURE_WIDTH = 640
@@ -389,7 +393,7 @@ def render_montage(
     tile: int,
     metadata: dict[str, str],
 ) -> None:
-    """PNG: the tiles in a near-square grid, each with its caption underneath."""
+    """JPEG: the tiles in a near-square grid, each with its caption underneath."""
     size = montage_figure_size(len(tiles), tile)
     columns = max(1, math.ceil(math.sqrt(len(tiles))))
     cell_w, cell_h = tile + 2 * TILE_PAD, tile + TILE_LABEL_BAND + TILE_PAD
@@ -413,15 +417,25 @@ def render_montage(
             va="center",
             fontsize=8,
         )
-    fig.savefig(path, dpi=DPI, format="png", metadata=metadata)
+    fig.savefig(path, dpi=DPI, format="jpeg", pil_kwargs=jpeg_options(metadata))
+
+
+def jpeg_options(metadata: dict[str, str]) -> dict:
+    """Pillow's JPEG options; the provenance goes in the comment (JPEG has no text chunks)."""
+    return {"quality": JPEG_QUALITY, "comment": json.dumps(metadata)}
+
+
+def output_paths(out: Path, slide_id: str) -> tuple[Path, Path]:
+    """(heatmap, montage) of one slide."""
+    return out / f"{slide_id}{HEATMAP_SUFFIX}", out / f"{slide_id}{MONTAGE_SUFFIX}"
 
 
 def write_card(out: Path, slide_id: str, reason: str, metadata: dict[str, str]) -> None:
-    """A card in place of both PNGs of a slide that cannot be drawn (outputs stay complete)."""
+    """A card in place of both images of a slide that cannot be drawn (outputs stay complete)."""
     card = render_failure(slide_id, reason)
-    with atomic_outputs(out / f"{slide_id}.png", out / f"{slide_id}_top.png") as temps:
-        for temp in temps:
-            imsave(temp, card, format="png", metadata=metadata)
+    with atomic_outputs(*output_paths(out, slide_id)) as (heatmap_tmp, montage_tmp):
+        imsave(heatmap_tmp, card, format="png", metadata=metadata)
+        imsave(montage_tmp, card, format="jpeg", pil_kwargs=jpeg_options(metadata))
 
 
 # ---- one slide -------------------------------------------------------------------------------
@@ -443,7 +457,7 @@ def draw_slide(
     out: Path,
     metadata: dict[str, str],
 ) -> None:
-    """Write ``<slide_id>.png`` and ``<slide_id>_top.png``; SlideSkipped/SlideError if the
+    """Write ``<slide_id>.png`` and ``<slide_id>_top.jpg``; SlideSkipped/SlideError if the
     inputs of this slide do not fit together."""
     coords = attention.coords if attention.coords is not None else geometry.coords
     n = len(coords)
@@ -490,9 +504,7 @@ def draw_slide(
 
     captions = [f"#{i + 1}  a = {fine_values[j]:.3g}" for i, j in enumerate(top)]
     title = _title(attention.slide_id, labels)
-    with atomic_outputs(
-        out / f"{attention.slide_id}.png", out / f"{attention.slide_id}_top.png"
-    ) as (heatmap_tmp, top_tmp):
+    with atomic_outputs(*output_paths(out, attention.slide_id)) as (heatmap_tmp, top_tmp):
         render_heatmap(heatmap_tmp, thumbnail, panels, title, metadata)
         render_montage(
             top_tmp,

@@ -227,7 +227,9 @@ def test_cli_writes_heatmap_and_montage_and_cards_for_bad_slides(
     assert heatmap_png.size[0] >= 2 * thumb[0] and heatmap_png.size[1] > thumb[1]
     assert "hmil-pipeline" in heatmap_png.info["Software"]
     assert '"normalisation": "rank within slide"' in heatmap_png.info["Description"]
-    top_png = Image.open(out / "slide_a_top.png")
+    top_png = Image.open(out / "slide_a_top.jpg")
+    assert top_png.format == "JPEG"
+    assert "rank within slide" in top_png.info["comment"].decode()
     assert top_png.size == montage_figure_size(5, min(MAX_TILE, 64))
     # the montage shows tissue (pink), not the background, in the first tile
     pixels = np.asarray(top_png.convert("RGB")).astype(int)
@@ -235,16 +237,16 @@ def test_cli_writes_heatmap_and_montage_and_cards_for_bad_slides(
     first_tile = pixels[MONTAGE_TITLE_BAND : MONTAGE_TITLE_BAND + 64, left : left + 64]
     assert (first_tile[..., 1] < 200).mean() > 0.5
     for bad in ("broken", "ghost"):
-        for suffix in ("", "_top"):
-            card = Image.open(out / f"{bad}{suffix}.png")
+        for suffix in (".png", "_top.jpg"):
+            card = Image.open(out / f"{bad}{suffix}")
             assert card.size == (800, 160)
     assert sorted(p.name for p in out.iterdir()) == [
         "broken.png",
-        "broken_top.png",
+        "broken_top.jpg",
         "ghost.png",
-        "ghost_top.png",
+        "ghost_top.jpg",
         "slide_a.png",
-        "slide_a_top.png",
+        "slide_a_top.jpg",
     ]
 
 

@@ -91,6 +91,7 @@ def test_every_stage_wrote_its_outputs(chain):
             heatmaps = results / "eval" / ENCODER / model / "heatmaps" / f"fold{fold}"
             for slide in test_slides - {"broken"}:
                 assert (heatmaps / f"{slide}.png").stat().st_size > 10_000
+                assert (heatmaps / f"{slide}_top.jpg").stat().st_size > 5_000
         summary = json.loads((results / "eval" / ENCODER / model / "summary.json").read_text())
         assert summary
     comparison = pd.read_csv(results / "eval" / "comparison.csv")

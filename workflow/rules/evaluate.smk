@@ -45,7 +45,7 @@ rule heatmaps:
     output:
         report(
             directory(f"{OUTDIR}/eval/{{encoder}}/{{model}}/heatmaps/fold{{fold}}"),
-            patterns=["{name}.png"],
+            patterns=["{name}.png", "{name}.jpg"],
             caption="../report/heatmaps.rst",
             category="4. Attention heatmaps",
             subcategory="{encoder} / {model} / fold {fold}",
