@@ -132,9 +132,7 @@ def read_bag_shape(path: str | Path, slide_id: str) -> tuple[int, int]:
             shape = file["features"].shape
             declared_dim = file.attrs.get("feature_dim")
     except OSError as error:
-        raise BagError(
-            f"slide {slide_id!r} ({path}): cannot read feature file ({_first_line(error)})"
-        ) from None
+        raise unreadable(slide_id, path, error) from None
     if len(shape) != 2:
         raise BagError(f"slide {slide_id!r} ({path}): 'features' has shape {shape}, expected N×D")
     if declared_dim is not None and int(declared_dim) != shape[1]:
@@ -155,9 +153,7 @@ def load_bag_features(path: str | Path, slide_id: str) -> torch.Tensor:
             with h5py.File(path, "r") as file:
                 array = np.asarray(file["features"][()], dtype=np.float32)
         except (OSError, KeyError) as error:
-            raise BagError(
-                f"slide {slide_id!r} ({path}): cannot read features ({_first_line(error)})"
-            ) from None
+            raise unreadable(slide_id, path, error) from None
         features = torch.from_numpy(array)
     if features.ndim != 2:
         raise BagError(
@@ -171,7 +167,7 @@ def load_bag_features(path: str | Path, slide_id: str) -> torch.Tensor:
         bad = int((~finite_rows).sum())
         raise BagError(
             f"slide {slide_id!r} ({path}): {bad} of {features.shape[0]} feature rows contain "
-            "NaN or Inf; re-extract this slide's features"
+            f"NaN or Inf; {rebuild_hint(path)}"
         )
     return features
 
@@ -181,16 +177,32 @@ def _load_pt(path: Path, slide_id: str, mmap: bool) -> torch.Tensor:
         features = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except RuntimeError:
         if not mmap:
-            raise BagError(f"slide {slide_id!r} ({path}): cannot read feature tensor") from None
+            raise BagError(
+                f"slide {slide_id!r} ({path}): cannot read feature tensor; {rebuild_hint(path)}"
+            ) from None
         # Files written with the legacy (non-zip) serialisation cannot be memory-mapped.
         return _load_pt(path, slide_id, mmap=False)
     except (OSError, EOFError, pickle.UnpicklingError) as error:
-        raise BagError(
-            f"slide {slide_id!r} ({path}): cannot read feature file ({_first_line(error)})"
-        ) from None
+        raise unreadable(slide_id, path, error) from None
     if not isinstance(features, torch.Tensor) or features.ndim != 2:
         raise BagError(f"slide {slide_id!r} ({path}): expected one N×D tensor")
     return features
+
+
+def rebuild_hint(path: str | Path) -> str:
+    """How to rebuild a damaged feature file, in the words of a BagError."""
+    return (
+        "rebuild it by re-running its feature extraction (workflow: the usual snakemake "
+        f"command plus --forcerun {path})"
+    )
+
+
+def unreadable(slide_id: str, path: str | Path, error: BaseException) -> BagError:
+    """BagError for a feature file that cannot be read: truncated, damaged, not HDF5."""
+    return BagError(
+        f"slide {slide_id!r} ({path}): cannot read feature file, damaged or incomplete "
+        f"({_first_line(error)}); {rebuild_hint(path)}"
+    )
 
 
 def _first_line(error: BaseException, limit: int = 160) -> str:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,7 @@ from hmil.training import (
     write_attention,
     write_json,
 )
-from preprocessing.atomic import atomic_outputs
+from preprocessing.atomic import atomic_outputs, buffered, output_errors
 from preprocessing.cli import run_cli, setup_logging
 from preprocessing.provenance import code_version
 
@@ -226,9 +228,15 @@ def train_fold(args: argparse.Namespace) -> int:
         "stopped_early": False,
     }
     last_path = out / "last.pt"
+    inputs = input_fingerprint(args.splits, datasets)
     if last_path.is_file():
-        state = resume(last_path, config, model, optimizer, scheduler)
-        log.info("resuming %s after epoch %d", last_path, state["epoch"] - 1)
+        resumed = resume(last_path, config, inputs, model, optimizer, scheduler)
+        if resumed is None:
+            log.warning("%s: the features or splits changed since; starting afresh", last_path)
+            last_path.unlink()
+        else:
+            state = resumed
+            log.info("resuming %s after epoch %d", last_path, state["epoch"] - 1)
 
     use_auc = len(set(datasets["val"].fine_labels.tolist())) >= 2
     if not use_auc:
@@ -260,10 +268,11 @@ def train_fold(args: argparse.Namespace) -> int:
         row = epoch_log_row(epoch, loss_fn, lr, train_terms, val, time.perf_counter() - started)
         state["history"].append(row)
         if tensorboard is not None:
-            for name, value in row.items():
-                if name != "epoch":
-                    tensorboard.add_scalar(name, value, epoch)
-            tensorboard.flush()
+            with output_errors(out / "tensorboard"):
+                for name, value in row.items():
+                    if name != "epoch":
+                        tensorboard.add_scalar(name, value, epoch)
+                tensorboard.flush()
         score = selection_score(row, use_auc)
         if state["best_score"] is None or score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch
@@ -273,7 +282,9 @@ def train_fold(args: argparse.Namespace) -> int:
             state["epochs_without_improvement"] += 1
         state["stopped_early"] = state["epochs_without_improvement"] >= args.patience
         state["epoch"] = epoch + 1
-        save_checkpoint(last_path, out / "log.csv", config, model, optimizer, scheduler, state)
+        save_checkpoint(
+            last_path, out / "log.csv", config, inputs, model, optimizer, scheduler, state
+        )
         progress.set_postfix(loss=f"{row['train_loss']:.3f}", val_auc=f"{row['val_fine_auc']:.3f}")
         if state["stopped_early"]:
             log.info("early stop after epoch %d (best epoch %d)", epoch, state["best_epoch"])
@@ -295,7 +306,18 @@ def optional_summary_writer(log_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    default_hook = threading.excepthook
+
+    def quiet_writer_errors(hook_args) -> None:
+        # TensorBoard writes from a thread and re-raises its OSError in the next flush(),
+        # where it becomes the one-line error; only the thread's own traceback is dropped.
+        writer_thread = type(hook_args.thread).__name__ == "_AsyncWriterThread"
+        if not (writer_thread and issubclass(hook_args.exc_type, OSError)):
+            default_hook(hook_args)
+
+    threading.excepthook = quiet_writer_errors
+    with output_errors(log_dir):
+        return SummaryWriter(log_dir=str(log_dir))
 
 
 def mhim_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -374,7 +396,25 @@ def discard_other_settings(out: Path, config: TrainConfig) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def resume(path: Path, config: TrainConfig, model, optimizer, scheduler) -> dict[str, Any]:
+def input_fingerprint(splits: str | Path, datasets: dict[str, BagDataset]) -> str:
+    """Identity of the run's inputs: the splits file's bytes and each feature file's name,
+    size and modification time. A checkpoint of other inputs (a feature file rebuilt or
+    re-extracted since, as the workflow does before re-running a fold) is not resumed."""
+    digest = hashlib.sha256(Path(splits).read_bytes())
+    for split, dataset in sorted(datasets.items()):
+        for slide_id, path in zip(dataset.slide_ids, dataset.paths, strict=True):
+            status = path.stat()
+            digest.update(
+                f"{split}/{slide_id}/{path}/{status.st_size}/{status.st_mtime_ns}\n".encode()
+            )
+    return digest.hexdigest()
+
+
+def resume(
+    path: Path, config: TrainConfig, inputs: str, model, optimizer, scheduler
+) -> dict[str, Any] | None:
+    """The training state of checkpoint `path`, loaded into model, optimizer and scheduler;
+    None when it was made from other inputs (then nothing is loaded)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # a truncated file cannot happen (atomic), a foreign one can
@@ -383,6 +423,8 @@ def resume(path: Path, config: TrainConfig, model, optimizer, scheduler) -> dict
         raise TrainingError(
             f"{path}: checkpoint of a run with other settings; delete it to start over"
         )
+    if checkpoint.get("inputs") != inputs:
+        return None
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
@@ -391,19 +433,27 @@ def resume(path: Path, config: TrainConfig, model, optimizer, scheduler) -> dict
 
 
 def save_checkpoint(
-    last_path: Path, log_path: Path, config: TrainConfig, model, optimizer, scheduler, state
+    last_path: Path,
+    log_path: Path,
+    config: TrainConfig,
+    inputs: str,
+    model,
+    optimizer,
+    scheduler,
+    state,
 ) -> None:
-    with atomic_outputs(last_path, log_path) as (last_tmp, log_tmp):
+    with atomic_outputs(last_path, log_path) as (last_tmp, log_tmp), buffered(last_tmp) as buffer:
         torch.save(
             {
                 "config": config.as_dict(),
+                "inputs": inputs,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_states(),
                 "state": state,
             },
-            last_tmp,
+            buffer,
         )
         pd.DataFrame(state["history"]).to_csv(log_tmp, index=False)
 
@@ -433,27 +483,26 @@ def write_final_outputs(
         "in_dim": in_dim,
         "excluded_slides": state.get("excluded_slides", {}),
     }
+    checkpoint = {
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "model": args.model,
+        "model_kwargs": (
+            {"mhim": model.preset or dataclasses.asdict(model.config)}
+            if isinstance(model, MHIM)
+            else {}
+        ),
+        "in_dim": in_dim,
+        "hierarchy": hierarchy_as_dict(hierarchy),
+        "config": config.as_dict(),
+        "code_version": version,
+        "seed": args.seed,
+        "best_epoch": state["best_epoch"],
+    }
     names = ["model.pt", "predictions.csv", "metrics.json", "attention.h5", "log.csv"]
     with atomic_outputs(*(out / name for name in names)) as temps:
         model_tmp, predictions_tmp, metrics_tmp, attention_tmp, log_tmp = temps
-        torch.save(
-            {
-                "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                "model": args.model,
-                "model_kwargs": (
-                    {"mhim": model.preset or dataclasses.asdict(model.config)}
-                    if isinstance(model, MHIM)
-                    else {}
-                ),
-                "in_dim": in_dim,
-                "hierarchy": hierarchy_as_dict(hierarchy),
-                "config": config.as_dict(),
-                "code_version": version,
-                "seed": args.seed,
-                "best_epoch": state["best_epoch"],
-            },
-            model_tmp,
-        )
+        with buffered(model_tmp) as buffer:
+            torch.save(checkpoint, buffer)
         predictions_table(split_predictions, tables, hierarchy).to_csv(predictions_tmp, index=False)
         write_json(metrics_tmp, metrics)
         if "test" in split_predictions:
@@ -467,7 +516,7 @@ def write_final_outputs(
 
 
 def write_attention_empty(path: Path, hierarchy, model_name: str) -> None:
-    with h5py.File(path, "w") as file:
+    with buffered(path) as buffer, h5py.File(buffer, "w") as file:
         file.attrs["fine_classes"] = list(hierarchy.fine)
         file.attrs["coarse_classes"] = list(hierarchy.coarse)
         file.attrs["model"] = model_name

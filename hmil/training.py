@@ -25,6 +25,7 @@ from hmil.bags import BagDataset, collate_bags
 from hmil.hierarchy import Hierarchy
 from hmil.losses import HMILLoss, curriculum_weight
 from hmil.metrics import classification_metrics
+from preprocessing.atomic import buffered
 from preprocessing.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
@@ -403,7 +404,7 @@ def write_attention(
     """attention.h5: a group per slide with ``coords`` (from its feature h5, when it has
     them), ``fine_attention`` [C_f or 1, N] and, for hierarchical models,
     ``coarse_attention`` [C_c, N]. Root attributes name the classes and the model."""
-    with h5py.File(path, "w") as file:
+    with buffered(path) as buffer, h5py.File(buffer, "w") as file:
         file.attrs["fine_classes"] = list(hierarchy.fine)
         file.attrs["coarse_classes"] = list(hierarchy.coarse)
         file.attrs["model"] = model_name

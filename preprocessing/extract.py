@@ -28,7 +28,7 @@ from torch import nn
 from torch.fx.experimental import optimization as fx_optimization
 from tqdm import tqdm
 
-from preprocessing.atomic import atomic_outputs
+from preprocessing.atomic import atomic_outputs, buffered
 from preprocessing.cli import run_cli, setup_logging
 from preprocessing.encoders import EncoderSpec, build_encoder, get_encoder_spec, weights_record
 from preprocessing.errors import PipelineError, SlideError
@@ -288,15 +288,27 @@ def write_features(
             f"{out}: features reach {largest:.3g}, beyond float16; use --dtype float32"
         )
     with atomic_outputs(out, out_pt) as (out_tmp, pt_tmp):
-        with h5py.File(out_tmp, "w") as h5:
-            h5.create_dataset("features", data=features.astype(dtype, copy=False))
-            h5.create_dataset("coords", data=coords.astype(np.int64).reshape(-1, 2))
+        with buffered(out_tmp) as buffer, h5py.File(buffer, "w") as h5:
+            _checksummed_dataset(h5, "features", features.astype(dtype, copy=False))
+            _checksummed_dataset(h5, "coords", coords.astype(np.int64).reshape(-1, 2))
             h5.create_dataset("skipped_indices", data=skipped.astype(np.int64))
             h5.create_dataset("skipped_coords", data=patches.coords[skipped].reshape(-1, 2))
             for key, value in merged.items():
                 h5.attrs[key] = value
         if pt_tmp is not None:
-            torch.save(torch.from_numpy(np.ascontiguousarray(features, np.float32)), pt_tmp)
+            with buffered(pt_tmp) as buffer:
+                torch.save(torch.from_numpy(np.ascontiguousarray(features, np.float32)), buffer)
+
+
+def _checksummed_dataset(h5: h5py.File, name: str, data: np.ndarray) -> None:
+    """A dataset in chunks of about 1 MiB with a Fletcher-32 checksum each, so that bytes
+    damaged on disk give a read error instead of silently wrong features."""
+    if data.size == 0:
+        h5.create_dataset(name, data=data)
+        return
+    row_bytes = data.itemsize * int(np.prod(data.shape[1:]))
+    rows = int(np.clip(2**20 // max(row_bytes, 1), 1, len(data)))
+    h5.create_dataset(name, data=data, chunks=(rows, *data.shape[1:]), fletcher32=True)
 
 
 def validate_features(
@@ -330,8 +342,9 @@ def validate_features(
             for start in range(0, shape[0], 65536):  # bounded memory on huge slides
                 if not np.isfinite(h5["features"][start : start + 65536]).all():
                     return "features hold NaN or Inf values"
-    except OSError as err:
-        return f"not a readable HDF5 file ({err})"
+    except OSError as err:  # truncated, or a chunk fails its checksum
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"not a readable HDF5 file, damaged or incomplete ({first_line})"
     for key in ("encoder", "weights", "feature_dim"):
         if key not in attrs:
             return f"no `{key}` attribute"

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from preprocessing.atomic import atomic_outputs
+from preprocessing.atomic import atomic_outputs, buffered
 from preprocessing.cli import run_cli, setup_logging
 from preprocessing.errors import PipelineError, SlideError
 from preprocessing.grid import PatchGrid, patch_grid
@@ -189,7 +189,7 @@ def _params_dict(params: PatchParams) -> dict:
 
 
 def write_patches_h5(path: Path, coords: np.ndarray, fractions: np.ndarray, attrs: dict) -> None:
-    with h5py.File(path, "w") as h5:
+    with buffered(path) as buffer, h5py.File(buffer, "w") as h5:
         dataset = h5.create_dataset("coords", data=coords.astype(np.int64).reshape(-1, 2))
         h5.create_dataset("tissue_fraction", data=fractions.astype(np.float32))
         # CLAM reads the attributes from `coords`; our tools read the file's root.

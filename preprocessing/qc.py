@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -91,7 +93,11 @@ def render_failure(slide_label: str, message: str) -> np.ndarray:
 
 
 def write_png(path, rgb: np.ndarray) -> None:
-    if not cv2.imwrite(
-        str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    ):
-        raise OSError(f"cv2 could not write {path}")
+    # Encoded in memory, then written by Python: a full disk is an OSError with its errno,
+    # not a libpng message on stderr and a bare False.
+    ok, data = cv2.imencode(
+        ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    )
+    if not ok:
+        raise ValueError(f"cv2 could not encode the PNG for {path}")
+    Path(path).write_bytes(data.tobytes())

@@ -17,8 +17,9 @@ rule patch:
         "../../envs/preprocess.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=scaled(4000),
+        runtime=scaled(30),
+        slurm_partition=slurm_partition(),
     params:
         slide=lambda wildcards: SLIDES.loc[wildcards.slide, "path"],
         args=patch_arguments,
@@ -38,7 +39,12 @@ rule preprocess_summary:
             category="1. Preprocessing",
             subcategory="Cohort",
         ),
-        failed=f"{OUTDIR}/preprocessing/failed_slides.csv",
+        failed=report(
+            f"{OUTDIR}/preprocessing/failed_slides.csv",
+            caption="../report/failed_slides.rst",
+            category="1. Preprocessing",
+            subcategory="Cohort",
+        ),
     log:
         f"{OUTDIR}/logs/preprocess_summary.log",
     conda:
