@@ -9,8 +9,14 @@ confusion_<level>.csv/.png, roc_<level>.png, training_curves.png and oof_predict
 Levels: ``fine``, ``coarse`` (the coarse head; skipped for flat models, whose p_coarse
 columns are empty) and ``coarse_from_fine`` (fine probabilities summed per coarse class).
 
-A fold without predictions.csv is left out with a warning and named in summary.md/.json
-(``--strict``: an error). Metric conventions are those of :mod:`hmil.eval_metrics`:
+A fold without predictions.csv, or whose training failed (its metrics.json says
+``"status": "failed"``), is left out with a warning and named in summary.md/.json
+(``--strict``: an error). When no fold is left, ``--on-error record`` (what the workflow
+uses outside strict mode) writes the same files as a failed evaluation: a ``FAILED`` marker
+(:func:`hmil.compare.mark_failed`), summary.json with the reason, and cards in place of the
+figures, so that the comparison still builds and names the failed run.
+
+Metric conventions are those of :mod:`hmil.eval_metrics`:
 AUC is the macro one-vs-rest AUC over the classes present; ± is the sample std over folds
 (ddof = 1); the 95% CI is a percentile bootstrap of the pooled out-of-fold value that
 resamples patients with replacement.
@@ -29,8 +35,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.image import imsave
 
 from hmil import plots
+from hmil.compare import mark_failed
 from hmil.eval_metrics import (
     CI_LEVEL,
     PER_CLASS_METRICS,
@@ -48,6 +56,7 @@ from preprocessing.atomic import atomic_outputs
 from preprocessing.cli import run_cli, setup_logging
 from preprocessing.errors import PipelineError
 from preprocessing.provenance import code_version
+from preprocessing.qc import render_failure
 
 log = logging.getLogger("hmil.evaluate")
 
@@ -73,6 +82,10 @@ NEVER_PREDICTED = "n/a: never predicted"
 
 class EvaluationError(PipelineError):
     """Unusable evaluation input (missing folds with --strict, malformed predictions)."""
+
+
+class NoFoldError(EvaluationError):
+    """Not one fold could be evaluated (every run failed or is missing)."""
 
 
 # ---- reading the folds -----------------------------------------------------------------------
@@ -211,6 +224,8 @@ def read_fold(run_dir: Path, position: int) -> Fold | MissingFold:
     if not path.is_file():
         return MissingFold(fold, run_dir, f"{path} not found")
     metrics = read_json(run_dir / "metrics.json") or {}
+    if metrics.get("status") == "failed":
+        return MissingFold(fold, run_dir, f"training failed: {metrics.get('reason', '?')}")
     if fold is None:
         recorded = (metrics.get("config") or {}).get("fold")
         fold = int(recorded) if isinstance(recorded, int) else position
@@ -280,7 +295,7 @@ def load_folds(run_dirs: list[Path], strict: bool) -> tuple[list[Fold], list[Mis
         else:
             folds.append(result)
     if not folds:
-        raise EvaluationError("no fold to evaluate: " + "; ".join(m.reason for m in missing))
+        raise NoFoldError("no fold to evaluate: " + "; ".join(m.describe() for m in missing))
     first = folds[0]
     for fold in folds[1:]:
         if fold.classes != first.classes:
@@ -778,6 +793,35 @@ def write_outputs(evaluation: Evaluation, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def write_failed_outputs(out: Path, name: str, reason: str, figures: list[str]) -> None:
+    """The outputs of an evaluation that could not be made, each saying so (the workflow
+    expects every file; the FAILED marker makes the comparison name the run)."""
+    failure = {"name": name, "status": "failed", "reason": reason, "code_version": code_version()}
+    texts = {
+        "summary.json": json.dumps(failure, indent=2) + "\n",
+        "summary.md": f"# {name}: evaluation failed\n\n{reason}\n",
+        "per_class.md": f"# {name}: evaluation failed\n\n{reason}\n",
+    }
+    tables = {
+        "summary.csv": pd.DataFrame([{"level": "", "metric": "", "status": "failed",
+                                      "reason": reason}]),
+        "per_class.csv": pd.DataFrame(columns=["level", "class", "status"]),
+        "metrics_per_fold.csv": pd.DataFrame(columns=["fold", "level"]),
+        "oof_predictions.csv": pd.DataFrame(columns=list(REQUIRED_COLUMNS)),
+    }  # fmt: skip
+    card = render_failure(name, reason)
+    paths = [out / n for n in (*texts, *tables, *figures)]
+    with atomic_outputs(*paths) as temps:
+        temp_of = dict(zip([p.name for p in paths], temps, strict=True))
+        for file_name, text in texts.items():
+            temp_of[file_name].write_text(text)
+        for file_name, table in tables.items():
+            table.to_csv(temp_of[file_name], index=False)
+        for figure in figures:
+            imsave(temp_of[figure], card, format="png", metadata={"Description": reason})
+    mark_failed(out, reason)
+
+
 # ---- command line ----------------------------------------------------------------------------
 
 
@@ -797,6 +841,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", help="a fold without predictions.csv is an error"
     )
     parser.add_argument(
+        "--on-error",
+        choices=("fail", "record"),
+        default="fail",
+        help="no fold to evaluate: fail (exit 1), or record a failed evaluation (exit 0)",
+    )
+    parser.add_argument(
         "--name", help="ENCODER/MODEL (default: from the paths models/{encoder}/{model}/fold{k})"
     )
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -812,7 +862,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--name must be ENCODER/MODEL, got {args.name!r}")
     setup_logging(args.verbose)
     identity = run_identity(args.run_dirs, args.name)
-    folds, missing = load_folds(args.run_dirs, args.strict)
+    try:
+        folds, missing = load_folds(args.run_dirs, args.strict)
+    except NoFoldError as error:
+        if args.on_error == "fail" or args.strict:
+            raise
+        name = "/".join(identity)
+        figures = ["training_curves.png"] + [
+            f"{kind}_{level}.png" for level in ("fine", "coarse_from_fine")
+            for kind in ("roc", "confusion")
+        ]  # fmt: skip
+        write_failed_outputs(args.out, name, str(error), figures)
+        print(f"error: {name}: {error}; recorded as a failed evaluation in {args.out}")
+        return 0
     params = {"bootstrap": args.bootstrap, "seed": args.seed, "strict": args.strict}
     evaluation = evaluate(folds, missing, identity, params)
     rows = write_outputs(evaluation, args.out)

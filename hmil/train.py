@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ from hmil.training import (
 )
 from preprocessing.atomic import atomic_outputs, buffered, output_errors
 from preprocessing.cli import run_cli, setup_logging
+from preprocessing.errors import PipelineError
 from preprocessing.provenance import code_version
 
 log = logging.getLogger("hmil.train")
@@ -111,6 +113,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fail on slides whose feature file is flagged empty/failed instead of leaving "
         "them out",
     )
+    parser.add_argument(
+        "--on-error",
+        choices=("fail", "record"),
+        default="fail",
+        help="when training fails: exit 1 with one error line, or record the failure in "
+        "every output (metrics.json status 'failed') and exit 0, so a cohort run goes on",
+    )
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--cache", action="store_true", help="keep features in memory")
     parser.add_argument(
@@ -128,10 +137,52 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return train_fold(args)
-    except (BagError, HierarchyError) as error:
-        # Both are ValueErrors of hmil (not PipelineErrors): bad input, one line.
-        raise TrainingError(str(error)) from None
+        try:
+            return train_fold(args)
+        except (BagError, HierarchyError) as error:
+            # Both are ValueErrors of hmil (not PipelineErrors): bad input, one line.
+            raise TrainingError(str(error)) from None
+    except Exception as error:
+        if args.on_error != "record":
+            raise
+        return record_failure(args, error)
+
+
+def record_failure(args: argparse.Namespace, error: Exception) -> int:
+    """Write every final output of the fold, each marked failed with the reason, so that
+    a cohort run goes on: evaluation leaves the fold out, the comparison names the run,
+    an MHIM student of this baseline fails naming it. Nothing looks like a trained model:
+    model.pt holds no weights, predictions.csv no rows, attention.h5 no slide."""
+    if isinstance(error, PipelineError):
+        reason = str(error)
+    else:  # a bug or a resource error (e.g. out of memory): keep the traceback in the log
+        log.error("training failed", exc_info=error)
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    out = Path(args.out)
+    requested = {
+        "model": args.model, "fold": args.fold, "epochs": args.epochs, "seed": args.seed,
+        "batch_bags": args.batch_bags, "lr": args.lr, "optimizer": args.optimizer,
+        "scheduler": args.scheduler, "patience": args.patience,
+    }  # fmt: skip
+    failure = {"status": "failed", "reason": reason, "code_version": code_version()}
+    history = out / "log.csv"
+    with atomic_outputs(*(out / name for name in FINAL_OUTPUTS)) as temps:
+        model_tmp, predictions_tmp, metrics_tmp, attention_tmp, log_tmp = temps
+        with buffered(model_tmp) as buffer:
+            torch.save({**failure, "model": args.model, "config": requested}, buffer)
+        predictions_tmp.write_text("slide_id,patient_id,split,fine_label,coarse_label\n")
+        write_json(metrics_tmp, {**failure, "config": requested, "seed": args.seed})
+        with buffered(attention_tmp) as buffer, h5py.File(buffer, "w") as file:
+            file.attrs.update({**failure, "model": args.model})
+        if history.is_file():  # the epochs it got through, if any
+            log_tmp.write_bytes(history.read_bytes())
+        else:
+            log_tmp.write_text("epoch\n")
+    print(
+        f"error: {reason} (recorded as a failed run in {out}; strict mode makes it fatal)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def train_fold(args: argparse.Namespace) -> int:
@@ -357,12 +408,15 @@ def has_coarse_head(model: torch.nn.Module, in_dim: int) -> bool:
 
 
 def finished_run(out: Path, config: TrainConfig) -> bool:
-    """True when every final output exists and metrics.json records this config."""
+    """True when every final output exists and metrics.json records this config (a
+    recorded failure is not finished: it is trained again)."""
     if not all((out / name).is_file() for name in FINAL_OUTPUTS):
         return False
     try:
         metrics = json.loads((out / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
+        return False
+    if metrics.get("status") == "failed":
         return False
     if metrics.get("config") != config.as_dict():
         raise TrainingError(

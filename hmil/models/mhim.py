@@ -163,6 +163,8 @@ def load_teacher(
     except Exception as error:  # any unreadable file: one line, not a traceback
         first_line = (str(error).strip().splitlines() or ["unreadable"])[0]
         raise TeacherError(f"{path}: cannot read teacher checkpoint ({first_line})") from None
+    if isinstance(checkpoint, dict) and checkpoint.get("status") == "failed":
+        raise TeacherError(f"{path}: the teacher's training failed ({checkpoint.get('reason')})")
     if not isinstance(checkpoint, dict) or not {"model", "state_dict"} <= set(checkpoint):
         raise TeacherError(f"{path}: not a model.pt written by hmil.train")
     expected = model.student_name

@@ -154,3 +154,22 @@ def test_readme_rerun_examples_schedule_what_they_say(chain, run_snakemake):
     rebuild = ["--forcerun", *map(str, features), "--until", "extract_features"]
     jobs = planned_jobs(run_snakemake(chain["config"], "--dry-run", *rebuild))
     assert jobs == {"extract_features": 2, "total": 2}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_failed_model_runs_are_recorded_unless_strict(chain, run_snakemake, strict):
+    """Outside strict mode a failing fold is recorded (tests/hmil/test_failed_runs.py shows
+    evaluation and comparison then name it); in strict mode it stops the run."""
+    config = yaml.safe_load(chain["config"].read_text())
+    config["strict"] = strict
+    path = chain["folder"] / f"strict_{strict}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    plan = run_snakemake(path, "--dry-run", "--printshellcmds", "--forcerun", "train")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    train = [line for line in plan.stdout.splitlines() if "python -m hmil.train" in line]
+    evaluate = [line for line in plan.stdout.splitlines() if "python -m hmil.evaluate" in line]
+    assert train and evaluate
+    expected = "--on-error fail" if strict else "--on-error record"
+    assert all(expected in line for line in train)
+    assert all(("--strict" in line) == strict for line in evaluate)
+    assert all(("--on-error record" in line) != strict for line in evaluate)

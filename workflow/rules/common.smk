@@ -151,6 +151,8 @@ def training_arguments(wildcards, input):
         f"--seed {TRAINING['seed']}",
         f"--device {TRAINING['device']}",
         "--restart-if-changed",
+        # A failed fold is recorded (and named by evaluation and comparison) unless strict.
+        "--on-error " + ("fail" if config["strict"] else "record"),
     ]
     if config["strict"]:
         args.append("--strict")

@@ -30,9 +30,10 @@ rule evaluate:
         out=subpath(output.summary, parent=True),
         bootstrap=EVALUATION["bootstrap"],
         seed=EVALUATION["seed"],
+        on_error="--strict" if config["strict"] else "--on-error record",
     shell:
         "python -m hmil.evaluate {params.runs} --out {params.out:q}"
-        " --name {wildcards.encoder}/{wildcards.model}"
+        " --name {wildcards.encoder}/{wildcards.model} {params.on_error}"
         " --bootstrap {params.bootstrap} --seed {params.seed} > {log:q} 2>&1"
 
 
