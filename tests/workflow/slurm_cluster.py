@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -71,12 +72,25 @@ class Cluster:
         return "\n".join(parts)
 
 
-def _slurm_conf(root: Path, host: str, cpus: int, memory_mb: int, munge_socket: Path) -> str:
+def _free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now, so that two clusters (two test runs) never meet."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _slurm_conf(
+    root: Path, host: str, cpus: int, memory_mb: int, munge_socket: Path, ports: list[int]
+) -> str:
     return f"""\
 ClusterName=hmiltest
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
 AuthType=auth/munge
 AuthInfo=socket={munge_socket}
 CredType=cred/munge
@@ -102,11 +116,14 @@ ReturnToService=2
 # Take the node's CPUs from this file, not the hardware: the tests' jobs are short and
 # mostly start-up, so more of them may share the real cores.
 SlurmdParameters=config_overrides
-MinJobAge=600
+# Two GPUs that are only counted (no device files): jobs that ask for GPUs are scheduled,
+# and given CUDA_VISIBLE_DEVICES, as on a GPU node, and run on the CPU.
+GresTypes=gpu
+MinJobAge=3600
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
 
@@ -130,7 +147,12 @@ def start(root: Path, timeout: float = 60.0) -> Cluster:
     cpus = max(8, os.cpu_count() or 1)
     memory_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
     conf = root / "slurm.conf"
-    conf.write_text(_slurm_conf(root, host, cpus, memory_mb, munge_socket))
+    conf.write_text(_slurm_conf(root, host, cpus, memory_mb, munge_socket, _free_ports(2)))
+    # Slurm wants character devices for GPUs: /dev/null and /dev/zero stand in for
+    # /dev/nvidia0 and /dev/nvidia1 (no cgroup here, so nothing is actually fenced).
+    (root / "gres.conf").write_text(
+        "".join(f"NodeName={host} Name=gpu File={dev}\n" for dev in ("/dev/null", "/dev/zero"))
+    )
 
     # The executor's job step runs `srun` with an environment that lacks SLURM_CONF;
     # a wrapper first on PATH puts it back, so jobs reach this cluster and not /etc.
@@ -189,6 +211,7 @@ def _wait_for(ready, timeout: float, what: str, cluster: Cluster) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the daemons on kill too
     cluster = start(Path(sys.argv[1]))
     print(f"export SLURM_CONF={cluster.env['SLURM_CONF']} PATH={cluster.root / 'bin'}:$PATH")
     try:

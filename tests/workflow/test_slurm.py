@@ -7,7 +7,9 @@ Skipped, saying why, where SLURM is not installed (`.ci/run` installs it when ap
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -45,12 +47,14 @@ def write_config(folder: Path, sheet: Path, outdir: Path) -> Path:
         outdir=str(outdir),
         encoders=[ENCODER],
         models=MODELS,
-        cluster={"partition": "debug"},
+        cluster={"partition": "debug", "gpu_partition": "debug"},
     )
     # Small memory requests, so that several jobs fit the test node at once.
-    config["features"].update(batch_size=32, workers=0, threads=1, mem_mb=1000)
+    # One GPU per extraction and training job: the test node has two counted GPUs, so the
+    # jobs go through SLURM's GPU scheduling and run on the CPU (device auto / cpu).
+    config["features"].update(batch_size=32, workers=0, threads=1, mem_mb=1000, gpus=1)
     config["splits"].update(folds=FOLDS, val_fraction=0.3)
-    config["training"].update(epochs=3, batch_bags=4, patience=3, threads=1, mem_mb=1000)
+    config["training"].update(epochs=3, batch_bags=4, patience=3, threads=1, mem_mb=1000, gpus=1)
     config["evaluation"].update(bootstrap=20, heatmap_top_k=2, heatmap_size=256)
     path = folder / f"{outdir.name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -103,6 +107,26 @@ def test_jobs_ran_as_slurm_jobs(runs):
     # Patching went in groups (one SLURM job for many slides), not one job per slide.
     patch_logs = [p for p in runs["logs"].rglob("*.log") if "patch" in str(p)]
     assert 0 < len(patch_logs) < len(runs["sheet"])
+
+
+def test_gpu_rules_asked_slurm_for_a_gpu(runs):
+    """Extraction and training jobs requested one GPU each (`gpu` resource → --gpus=1) on
+    the configured partition; the other jobs none."""
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "--oneliner"],
+        env=runs["cluster"].env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    jobs = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in shown.splitlines() if line]
+    rules = {}
+    for job in jobs:
+        rule = re.match(r"rule_(extract_features|train|patch|evaluate|heatmaps)", job["Comment"])
+        rules.setdefault(rule[1] if rule else job["Comment"], []).append(job)
+    assert {"extract_features", "train", "evaluate", "heatmaps"} <= set(rules), sorted(rules)
+    for rule, submitted in rules.items():
+        for job in submitted:
+            assert job["Partition"] == "debug"
+            asks_gpu = "gpu:1" in job.get("TresPerJob", "")
+            assert asks_gpu == (rule in ("extract_features", "train")), (rule, job)
 
 
 def test_every_output_on_slurm(runs):
