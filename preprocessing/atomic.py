@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import io
 import os
 import re
@@ -15,8 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from preprocessing.errors import OutputError
-
-_TEMPORARY = re.compile(r"\.tmp-(\d+)$")
 
 
 def _temporary_name(path: Path, pid: int | None = None) -> Path:
@@ -93,16 +92,11 @@ def buffered(path: str | os.PathLike) -> Iterator[io.BytesIO]:
 
 def remove_stale_temporaries(final: Path) -> None:
     """Delete temporary files of `final` whose writer is gone (a killed job's leftovers)."""
+    prefix, suffix = f".{final.stem}.tmp-", final.suffix
     with contextlib.suppress(OSError):
-        for candidate in final.parent.iterdir():
-            match = _TEMPORARY.search(Path(candidate.name).stem)
-            if (
-                match is None
-                or candidate.suffix != final.suffix
-                or candidate.name != _temporary_name(final, int(match[1])).name
-            ):
-                continue
-            if not _process_alive(int(match[1])):
+        for candidate in final.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+            pid = candidate.name[len(prefix) : len(candidate.name) - len(suffix)]
+            if pid.isdigit() and not _process_alive(int(pid)):
                 with contextlib.suppress(FileNotFoundError):
                     candidate.unlink()
 

@@ -36,6 +36,7 @@ from hmil.synthetic_features import SyntheticConfig, generate_cohort, write_coho
 from hmil.train import main
 from hmil.training import train_epoch
 from preprocessing.cli import run_cli
+from tests.hmil.test_train import TINY_SPEC
 
 ROOT = Path(__file__).resolve().parents[2]
 BASELINES = ["clam_sb", "clam_mb", "transmil", "dsmil"]
@@ -358,11 +359,6 @@ def test_each_mhim_model_overfits_from_its_fitted_teacher(tiny_hierarchy, fitted
 
 # ---- through the trainer's command line ----------------------------------------------------
 
-TINY_SPEC = {
-    "name": "tiny",
-    "coarse": ["A", "B"],
-    "fine": {"a1": "A", "a2": "A", "b1": "B", "b2": "B"},
-}
 EASY = SyntheticConfig(
     bags_per_class=5,
     feature_dim=16,

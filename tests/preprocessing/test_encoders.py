@@ -22,14 +22,6 @@ from preprocessing.errors import PipelineError
 SMALL = "timm:resnet10t"  # 5 M parameters: fast where the encoder's identity does not matter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     """A resnet10t state dict on disk and the model it came from."""

@@ -25,14 +25,6 @@ from preprocessing.synthetic import Ellipse, SlideSpec, write_slide
 ENCODER = "timm:resnet10t"  # small and fast; what is tested does not depend on the encoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("extract")
