@@ -2,7 +2,7 @@
 
     python benchmarks/bench_features.py [--encoders resnet50_trunc uni] [--precisions fp32 bf16]
         [--workers 1 2] [--batch-size 64] [--patches 512] [--device auto] [--threads N]
-        [--compile] [--profile] [--repeats R]
+        [--compile] [--profile] [--repeats R] [--reader-only]
 
 Model-only pushes random uint8 batches through the same normalise + model path as
 `python -m preprocessing.extract` (`EncoderRunner`). End-to-end runs `extract_features`
@@ -10,8 +10,9 @@ on a generated JPEG-tiled slide (20×, 0.5 µm/px, written once and kept) patche
 `preprocessing.patch`: OpenSlide reads in DataLoader workers, cv2 resize 256 → 224,
 normalisation on the device. Their ratio says how much reading costs. CPU ms/patch (all
 processes, workers included) is printed too: on a shared machine it moves much less than
-wall time. `--profile` adds the cost of each reading step. Weights are random (speed does
-not depend on them)."""
+wall time. `--profile` adds the cost of each reading step. `--reader-only` times the
+DataLoader alone (read, resize, collate; no model): the rate a GPU can be fed at, per
+worker process. Weights are random (speed does not depend on them)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 from preprocessing.encoders import build_encoder
 from preprocessing.extract import EncoderRunner, extract_features, resolve_device
 from preprocessing.patch import PatchParams, patch_slide
-from preprocessing.patch_dataset import PatchDataset, read_geometry
+from preprocessing.patch_dataset import PatchDataset, iter_batches, patch_loader, read_geometry
 from preprocessing.slide import open_slide, read_rgb
 from preprocessing.synthetic import two_region_spec, write_slide
 
@@ -70,6 +71,16 @@ def end_to_end(runner, dataset, feature_dim, batch_size, workers) -> tuple[float
     return len(dataset) / result.seconds, 1000 * (cpu_seconds() - cpu) / len(dataset)
 
 
+def reader_only(dataset: PatchDataset, batch_size: int, workers: int) -> tuple[float, float]:
+    """(patches/s, CPU ms/patch) of the DataLoader alone: what the readers can supply."""
+    cpu, start = cpu_seconds(), time.perf_counter()
+    count = sum(
+        len(batch.indices) for batch in iter_batches(patch_loader(dataset, batch_size, workers))
+    )
+    dataset.close()
+    return count / (time.perf_counter() - start), 1000 * (cpu_seconds() - cpu) / count
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -105,6 +116,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     parser.add_argument("--profile", action="store_true", help="time each reading step")
     parser.add_argument(
+        "--reader-only", action="store_true", help="time the DataLoader alone, no model"
+    )
+    parser.add_argument(
         "--slide", type=Path, default=Path(tempfile.gettempdir()) / "bench_features_20x.tiff"
     )
     args = parser.parse_args()
@@ -138,6 +152,17 @@ def main() -> None:
         if args.profile:
             steps = ", ".join(f"{k} {v:.2f} ms" for k, v in profile_reading(dataset).items())
             print(f"{name} reading per patch: {steps}")
+        if args.reader_only:
+            for workers in args.workers:
+                rate, cpu_ms = max(
+                    reader_only(dataset, args.batch_size, workers) for _ in range(args.repeats)
+                )
+                print(
+                    f"{name:15} reader only, {workers} workers: {rate:.1f} patches/s, "
+                    f"{cpu_ms:.2f} CPU ms/patch ({1000 / cpu_ms:.0f} patches/s per busy core)",
+                    flush=True,
+                )
+            continue
         for precision in args.precisions:
             if precision == "fp16" and device.type != "cuda":
                 continue
