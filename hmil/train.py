@@ -38,6 +38,7 @@ from hmil.models.mhim import MHIM, TeacherError, load_teacher
 from hmil.training import (
     TrainConfig,
     TrainingError,
+    device_record,
     epoch_loader,
     epoch_log_row,
     hierarchy_as_dict,
@@ -536,6 +537,7 @@ def write_final_outputs(
         "stopped_early": state["stopped_early"],
         "in_dim": in_dim,
         "excluded_slides": state.get("excluded_slides", {}),
+        "runtime": device_record(device),
     }
     checkpoint = {
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},

@@ -172,11 +172,30 @@ def epoch_loader(
 # ---- one epoch -------------------------------------------------------------------------------
 
 
+def training_precision(device: torch.device) -> str:
+    """bf16 autocast on CUDA (tensor cores, fp32 range); fp32 elsewhere (CPU bf16 is slower
+    than fp32 on CPUs without AMX)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA; a no-op (fp32) elsewhere."""
     return torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        device_type=device.type,
+        dtype=torch.bfloat16,
+        enabled=training_precision(device) == "bf16",
     )
+
+
+def device_record(device: torch.device) -> dict[str, str]:
+    """Where and at which precision a run computed: results differ in the last bits between
+    devices, so outputs say which made them."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": str(device),
+        "device_name": name,
+        "precision": training_precision(device),
+        "torch": torch.__version__,
+    }
 
 
 def train_epoch(

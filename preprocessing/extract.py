@@ -139,6 +139,19 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return fused.eval()
 
 
+@dataclass
+class PendingFeatures:
+    """Features on their way to the CPU: `result()` waits for the copy (if any)."""
+
+    host: torch.Tensor
+    done: torch.cuda.Event | None = None
+
+    def result(self) -> torch.Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host
+
+
 class EncoderRunner:
     """uint8 batches → float32 features: normalise on the device, channels-last, autocast.
 
@@ -171,8 +184,10 @@ class EncoderRunner:
         self.shift = -mean / std
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) uint8 → (B, D) float32 on the CPU."""
+    def submit(self, images: torch.Tensor) -> PendingFeatures:
+        """Queue (B, 3, S, S) uint8 images; their (B, D) float32 features come back on the CPU
+        from `.result()`. On CUDA the copy back is asynchronous, so the caller can queue the
+        next batch before waiting: the GPU never idles while Python fetches a batch."""
         count = len(images)
         if self.compiled_batch and count < self.compiled_batch:
             padding = images.new_zeros((self.compiled_batch - count, *images.shape[1:]))
@@ -183,8 +198,18 @@ class EncoderRunner:
         with torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled
         ):
-            features = self.model(x)
-        return features[:count].float().cpu()
+            features = self.model(x)[:count].float()
+        if self.device.type != "cuda":
+            return PendingFeatures(features.cpu())
+        host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(features, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingFeatures(host, done)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 → (B, D) float32 on the CPU, synchronously."""
+        return self.submit(images).result()
 
     def warm_up(self) -> float:
         """Run one batch of zeros (compiles a compiled encoder); returns the seconds it took."""
@@ -235,6 +260,7 @@ def extract_features(
         unit="batch",
         disable=not progress,
     )
+    pending: tuple[np.ndarray, PendingFeatures] | None = None  # one batch in flight
     for batch in bar:
         images, rows = batch.images, batch.indices.numpy()
         if not batch.ok.all():
@@ -252,7 +278,12 @@ def extract_features(
             kept[rows[bad]] = False
             images, rows = images[batch.ok], rows[batch.ok.numpy()]
         if len(rows):
-            features[rows] = runner(images).numpy()
+            queued = (rows, runner.submit(images))
+            if pending is not None:
+                features[pending[0]] = pending[1].result().numpy()
+            pending = queued
+    if pending is not None:
+        features[pending[0]] = pending[1].result().numpy()
     dataset.close()
     seconds = time.perf_counter() - start
     return Extraction(features[kept], kept, errors, seconds)

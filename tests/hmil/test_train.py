@@ -147,6 +147,12 @@ def test_cli_run_writes_every_output_with_consistent_probabilities(cli_runs, coh
     assert metrics["config"]["model"] == model
     assert metrics["config"]["loss_preset"] == ("hmil" if model == "hmil" else "flat")
     assert metrics["seed"] == 3 and metrics["best_epoch"] in (0, 1, 2)
+    assert metrics["runtime"] == {
+        "device": "cpu",
+        "device_name": "cpu",
+        "precision": "fp32",
+        "torch": torch.__version__,
+    }
     assert metrics["test"]["num_slides"] == 8
     test_fine = metrics["test"]["fine"]
     test_rows = predictions[predictions["split"] == "test"]
@@ -217,6 +223,26 @@ def test_hmil_learns_an_easy_cohort(cohort, tmp_path):
     assert main(train_args(cohort, tmp_path, epochs=20)) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test"]["fine"]["auc"] > 0.9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_trains_with_bf16_autocast_and_records_it(cli_runs, cohort, tmp_path):
+    assert main(train_args(cohort, tmp_path, "--device", "cuda", epochs=20)) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["runtime"]["device"].startswith("cuda")
+    assert metrics["runtime"]["precision"] == "bf16"
+    assert metrics["test"]["fine"]["auc"] > 0.9  # learns as on the CPU
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    fine = predictions[[f"p_fine_{name}" for name in FINE]].to_numpy()
+    np.testing.assert_allclose(fine.sum(axis=1), 1.0, atol=1e-5)
+    # the weights are saved for CPU use and load without a GPU
+    checkpoint = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=False)
+    assert all(not value.is_cuda for value in checkpoint["state_dict"].values())
+    # a resumed CUDA run continues on the device it was stopped on
+    resumed = tmp_path / "resumed"
+    assert main(train_args(cohort, resumed, "--device", "cuda", "--stop-after", "1")) == 0
+    assert main(train_args(cohort, resumed, "--device", "cuda")) == 0
+    assert pd.read_csv(resumed / "log.csv")["epoch"].tolist() == [0, 1, 2]
 
 
 def one_error_line(capsys, args) -> str:

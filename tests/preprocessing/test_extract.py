@@ -184,6 +184,25 @@ def test_float16_output_is_within_tolerance_of_float32(cmu, weights, reference, 
     assert torch.load(out.with_suffix(".pt"), weights_only=True).dtype == torch.float32
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_features_match_the_cpu_ones(cmu, weights, reference, work, precision):
+    """Batches of 7 keep several in flight (copies back are asynchronous on CUDA)."""
+    slide, patches = cmu
+    out = work / f"cuda_{precision}" / "f.h5"
+    argv = cli_args(slide, patches, out, weights, "--workers", "2", "--batch-size", "7")
+    argv[argv.index("cpu")] = "cuda"
+    assert main([*argv, "--precision", precision]) == 0
+    data, attrs = read_features(out)
+    assert attrs["device"].startswith("cuda") and attrs["precision"] == precision
+    expected = torch.from_numpy(read_features(reference)[0]["features"])
+    got = torch.from_numpy(data["features"])
+    np.testing.assert_array_equal(data["coords"], patches_coords(patches))
+    # TF32 convolutions (fp32) and autocast round; every row still points the same way
+    similarity = torch.nn.functional.cosine_similarity(got, expected, dim=1)
+    assert float(similarity.min()) > (0.999 if precision == "fp32" else 0.99), similarity.min()
+
+
 def test_pyramid_slide_is_read_at_the_level_of_the_encoder_mpp(tmp_path, weights):
     spec = SlideSpec(width=3072, height=2048, mpp=0.25, regions=(Ellipse(380, 256, 300, 200),))
     slide_path = write_slide(tmp_path / "pyramid.tiff", spec)
@@ -256,10 +275,12 @@ def test_corrupt_tile_is_one_error_line_naming_slide_and_coordinate(unreadable, 
     assert list(tmp_path.glob("f*")) == [] and list(tmp_path.glob(".f*")) == []
 
 
-def test_skip_leaves_bad_patches_out_and_records_them(unreadable, tmp_path, capsys):
+@pytest.mark.parametrize("batch_size", ["64", "1"])  # one batch; the bad patch alone in one
+def test_skip_leaves_bad_patches_out_and_records_them(unreadable, tmp_path, capsys, batch_size):
     slide, patches = unreadable
     out = tmp_path / "f.h5"
     argv = cli_args(slide, patches, out, "random", "--workers", "1", "--on-bad-patch", "skip")
+    argv += ["--batch-size", batch_size]
     code, stdout, _ = run(argv, capsys)
     assert code == 0 and "1 unreadable patches skipped" in stdout
     data, attrs = read_features(out)

@@ -52,8 +52,12 @@ class Cluster:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def stop(self) -> None:
-        subprocess.run(["scancel", "--full", "--partition", self.partition],
-                       env=self.env, capture_output=True, check=False)
+        subprocess.run(
+            ["scancel", "--full", "--partition", self.partition],
+            env=self.env,
+            capture_output=True,
+            check=False,
+        )
         for proc in reversed(self.processes):
             proc.terminate()
         for proc in reversed(self.processes):
@@ -158,9 +162,7 @@ def start(root: Path, timeout: float = 60.0) -> Cluster:
     # a wrapper first on PATH puts it back, so jobs reach this cluster and not /etc.
     for client in CLIENTS:
         wrapper = root / "bin" / client
-        wrapper.write_text(
-            f'#!/bin/sh\nexport SLURM_CONF="{conf}"\nexec {_which(client)} "$@"\n'
-        )
+        wrapper.write_text(f'#!/bin/sh\nexport SLURM_CONF="{conf}"\nexec {_which(client)} "$@"\n')
         wrapper.chmod(0o755)
 
     env = dict(os.environ)
@@ -176,8 +178,11 @@ def start(root: Path, timeout: float = 60.0) -> Cluster:
 
     try:
         launch(
-            _which("munged"), "--foreground", "--force",
-            f"--socket={munge_socket}", f"--key-file={key}",
+            _which("munged"),
+            "--foreground",
+            "--force",
+            f"--socket={munge_socket}",
+            f"--key-file={key}",
             f"--pid-file={root / 'run' / 'munged.pid'}",
             f"--log-file={root / 'log' / 'munged.log'}",
             f"--seed-file={root / 'munge' / 'munged.seed'}",
@@ -193,8 +198,9 @@ def start(root: Path, timeout: float = 60.0) -> Cluster:
 
 
 def _node_idle(env: dict[str, str]) -> bool:
-    out = subprocess.run(["sinfo", "--noheader", "--format=%T"], env=env,
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["sinfo", "--noheader", "--format=%T"], env=env, capture_output=True, text=True, check=False
+    )
     return out.returncode == 0 and out.stdout.strip().startswith("idle")
 
 

@@ -91,9 +91,7 @@ def runs(tmp_path_factory, fixture_slides, cluster, run_snakemake):
         "--slurm-keep-successful-logs",
         env=cluster.env, timeout=900,
     )  # fmt: skip
-    assert done.returncode == 0, (
-        done.stdout[-3000:] + done.stderr[-5000:] + "\n" + cluster.logs()
-    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:] + "\n" + cluster.logs()
     return {"local": local, "slurm": on_slurm, "logs": logs, "sheet": sheet, "cluster": cluster}
 
 
