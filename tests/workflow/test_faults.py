@@ -43,6 +43,7 @@ from hmil.synthetic_features import write_cohort as write_feature_cohort
 from preprocessing.extract import validate_features
 from preprocessing.synthetic import write_cohort
 from tests.conftest import snakemake_command
+from tests.workflow.configs import write_workflow_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SLOW_ENCODER = "timm:resnet10t"  # random weights: seconds per slide on a CPU
@@ -54,23 +55,14 @@ TEMPORARY = re.compile(r"\.tmp-\d+")
 
 
 def write_config(folder: Path, sheet: Path, encoder: str, **changes) -> Path:
-    config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
-    config.update(
-        slides=str(sheet),
-        hierarchy=str(sheet.parent / "hierarchy.yaml"),
-        outdir=str(folder / "results"),
-        encoders=[encoder],
-        models=["abmil"],
-    )
-    config["features"].update(weights={encoder: "random"}, batch_size=8, workers=0, threads=1)
-    if encoder == FAST_ENCODER:
-        config["features"]["weights"] = {}
-    config["splits"].update(folds=2, val_fraction=0.3)
-    config["training"].update(epochs=2, batch_bags=2, patience=2)
-    config.update(changes)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    weights = {} if encoder == FAST_ENCODER else {encoder: "random"}
+    sections = {
+        "features": {"weights": weights, "batch_size": 8, "workers": 0, "threads": 1},
+        "splits": {"folds": 2, "val_fraction": 0.3},
+        "training": {"epochs": 2, "batch_bags": 2, "patience": 2},
+    }
+    top = {"encoders": [encoder], "models": ["abmil"], **changes}
+    return write_workflow_config(folder / "config.yaml", sheet, folder / "results", sections, **top)
 
 
 def snakemake_in(folder: Path, config: Path, *extra: str) -> list[str]:

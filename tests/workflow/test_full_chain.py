@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from preprocessing.synthetic import write_cohort
+from tests.workflow.configs import write_workflow_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENCODER = "timm:resnet10t"
@@ -28,22 +29,14 @@ pytestmark = pytest.mark.workflow
 
 
 def write_config(folder: Path, sheet: Path, **changes) -> Path:
-    config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
-    config.update(
-        slides=str(sheet),
-        hierarchy=str(sheet.parent / "hierarchy.yaml"),
-        outdir=str(folder / "results"),
-        encoders=[ENCODER],
-        models=MODELS,
-    )
-    config["features"].update(weights={ENCODER: "random"}, batch_size=16, workers=0, threads=1)
-    config["splits"].update(folds=FOLDS, val_fraction=0.3)
-    config["training"].update(epochs=3, batch_bags=4, patience=3)
-    config["evaluation"].update(bootstrap=50, heatmap_top_k=4)
-    config.update(changes)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    sections = {
+        "features": {"weights": {ENCODER: "random"}, "batch_size": 16, "workers": 0, "threads": 1},
+        "splits": {"folds": FOLDS, "val_fraction": 0.3},
+        "training": {"epochs": 3, "batch_bags": 4, "patience": 3},
+        "evaluation": {"bootstrap": 50, "heatmap_top_k": 4},
+    }
+    top = {"encoders": [ENCODER], "models": MODELS, **changes}
+    return write_workflow_config(folder / "config.yaml", sheet, folder / "results", sections, **top)
 
 
 @pytest.fixture(scope="module")

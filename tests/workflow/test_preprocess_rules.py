@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from preprocessing.synthetic import DEMO_CLASSES, write_cohort
+from tests.workflow.configs import write_workflow_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,16 +42,7 @@ def make_cohort(folder: Path, fixture_slides) -> Path:
 
 
 def write_config(folder: Path, sheet: Path, strict: bool = False) -> Path:
-    config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
-    config.update(
-        slides=str(sheet),
-        hierarchy=str(sheet.parent / "hierarchy.yaml"),
-        outdir=str(folder / "results"),
-        strict=strict,
-    )
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_workflow_config(folder / "config.yaml", sheet, folder / "results", strict=strict)
 
 
 def test_cohort_completes_and_reports_the_bad_slide(tmp_path, fixture_slides, run_snakemake):

@@ -16,10 +16,10 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from preprocessing.synthetic import write_cohort
 from tests.workflow import slurm_cluster
+from tests.workflow.configs import write_workflow_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENCODER = "stain_texture"
@@ -40,25 +40,19 @@ def cluster(tmp_path_factory):
 
 
 def write_config(folder: Path, sheet: Path, outdir: Path) -> Path:
-    config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
-    config.update(
-        slides=str(sheet),
-        hierarchy=str(sheet.parent / "hierarchy.yaml"),
-        outdir=str(outdir),
-        encoders=[ENCODER],
-        models=MODELS,
-        cluster={"partition": "debug", "gpu_partition": "debug"},
-    )
     # Small memory requests, so that several jobs fit the test node at once.
     # One GPU per extraction and training job: the test node has two counted GPUs, so the
     # jobs go through SLURM's GPU scheduling and run on the CPU (device auto / cpu).
-    config["features"].update(batch_size=32, workers=0, threads=1, mem_mb=1000, gpus=1)
-    config["splits"].update(folds=FOLDS, val_fraction=0.3)
-    config["training"].update(epochs=3, batch_bags=4, patience=3, threads=1, mem_mb=1000, gpus=1)
-    config["evaluation"].update(bootstrap=20, heatmap_top_k=2, heatmap_size=256)
-    path = folder / f"{outdir.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    small = {"threads": 1, "mem_mb": 1000, "gpus": 1}
+    sections = {
+        "features": {"batch_size": 32, "workers": 0, **small},
+        "splits": {"folds": FOLDS, "val_fraction": 0.3},
+        "training": {"epochs": 3, "batch_bags": 4, "patience": 3, **small},
+        "evaluation": {"bootstrap": 20, "heatmap_top_k": 2, "heatmap_size": 256},
+    }
+    cluster = {"partition": "debug", "gpu_partition": "debug"}
+    top = {"encoders": [ENCODER], "models": MODELS, "cluster": cluster}
+    return write_workflow_config(folder / f"{outdir.name}.yaml", sheet, outdir, sections, **top)
 
 
 @pytest.fixture(scope="module")
