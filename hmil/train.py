@@ -293,7 +293,8 @@ def train_fold(args: argparse.Namespace) -> int:
     use_auc = len(set(datasets["val"].fine_labels.tolist())) >= 2
     if not use_auc:
         log.warning("val set has < 2 fine classes: selecting the model by val loss")
-    val_loader = epoch_loader(datasets["val"], args.batch_bags, None, 0, args.num_workers)
+    pin = device.type == "cuda"
+    val_loader = epoch_loader(datasets["val"], args.batch_bags, None, 0, args.num_workers, pin)
     first_epoch = state["epoch"]
     tensorboard = optional_summary_writer(out / "tensorboard")
     progress = tqdm(
@@ -307,7 +308,9 @@ def train_fold(args: argparse.Namespace) -> int:
         if state["stopped_early"]:
             break
         started = time.perf_counter()
-        train_loader = epoch_loader(train_set, args.batch_bags, args.seed, epoch, args.num_workers)
+        train_loader = epoch_loader(
+            train_set, args.batch_bags, args.seed, epoch, args.num_workers, pin
+        )
         train_terms = train_epoch(model, loss_fn, optimizer, train_loader, epoch, device)
         val = predict(model, val_loader, membership, device, loss_fn, epoch)
         lr = optimizer.param_groups[0]["lr"]
@@ -522,7 +525,9 @@ def write_final_outputs(
     for split in ("test", "val"):
         if len(datasets[split]) == 0:
             continue
-        loader = epoch_loader(datasets[split], args.batch_bags, None, 0, args.num_workers)
+        loader = epoch_loader(
+            datasets[split], args.batch_bags, None, 0, args.num_workers, device.type == "cuda"
+        )
         split_predictions[split] = predict(model, loader, membership, device)
     version = code_version()
     metrics = {
