@@ -15,11 +15,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.utils.data import DataLoader
 
 from hmil.bags import Bag, collate_bags
-from hmil.hierarchy import Hierarchy
 from hmil.losses import HMILLoss, LossConfig
 from hmil.models import MILOutput, create_model, list_models
 from hmil.models.clam import CLAM
@@ -32,11 +30,11 @@ from hmil.models.transmil import (
     pad_to_square,
     segment_means,
 )
-from hmil.synthetic_features import SyntheticConfig, generate_cohort, write_cohort
+from hmil.synthetic_features import SyntheticConfig, generate_cohort
 from hmil.train import main
 from hmil.training import train_epoch
 from preprocessing.cli import run_cli
-from tests.hmil.test_train import TINY_SPEC
+from tests.hmil.cohorts import TINY_SPEC, write_fold_cohort
 
 ROOT = Path(__file__).resolve().parents[2]
 BASELINES = ["clam_sb", "clam_mb", "transmil", "dsmil"]
@@ -375,16 +373,7 @@ EASY = SyntheticConfig(
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """20 slides; fold0: 1 test, 1 val, 3 train slides per class."""
-    root = tmp_path_factory.mktemp("cohort")
-    hierarchy_path = root / "tiny.yaml"
-    hierarchy_path.write_text(yaml.safe_dump(TINY_SPEC, sort_keys=False))
-    generated = generate_cohort(Hierarchy.from_yaml(hierarchy_path), EASY)
-    write_cohort(generated, root / "features")
-    table = generated.table.copy()
-    rank = table.groupby("label").cumcount()
-    table["fold0"] = np.where(rank < 1, "test", np.where(rank < 2, "val", "train"))
-    table.to_csv(root / "DATA_SPLIT.csv", index=False)
-    return root
+    return write_fold_cohort(tmp_path_factory.mktemp("cohort"), EASY, 1, 1)["root"]
 
 
 def train_args(root, out, model, *extra, epochs=2):

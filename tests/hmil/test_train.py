@@ -12,19 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from hmil.hierarchy import Hierarchy
-from hmil.synthetic_features import SyntheticConfig, generate_cohort, write_cohort
+from hmil.synthetic_features import SyntheticConfig
 from hmil.train import main
 from preprocessing.cli import run_cli
+from tests.hmil.cohorts import write_fold_cohort
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_SPEC = {
-    "name": "tiny",
-    "coarse": ["A", "B"],
-    "fine": {"a1": "A", "a2": "A", "b1": "B", "b2": "B"},
-}
 # Easy: fine classes of one coarse group far apart, 10–30 % key instances, strong signal.
 EASY = SyntheticConfig(
     bags_per_class=10,
@@ -45,17 +40,7 @@ COARSE_OF = {"a1": "A", "a2": "A", "b1": "B", "b2": "B"}
 def cohort(tmp_path_factory):
     """Features of 40 slides, a hierarchy file and a DATA_SPLIT.csv whose fold0 puts 2
     slides per class in test, 2 in val and 6 in train."""
-    root = tmp_path_factory.mktemp("cohort")
-    hierarchy_path = root / "tiny.yaml"
-    hierarchy_path.write_text(yaml.safe_dump(TINY_SPEC, sort_keys=False))
-    generated = generate_cohort(Hierarchy.from_yaml(hierarchy_path), EASY)
-    write_cohort(generated, root / "features")
-    table = generated.table.copy()
-    rank = table.groupby("label").cumcount()
-    table["fold0"] = np.where(rank < 2, "test", np.where(rank < 4, "val", "train"))
-    splits_path = root / "DATA_SPLIT.csv"
-    table.to_csv(splits_path, index=False)
-    return {"root": root, "hierarchy": hierarchy_path, "splits": splits_path, "table": table}
+    return write_fold_cohort(tmp_path_factory.mktemp("cohort"), EASY, 2, 2)
 
 
 def train_args(cohort, out, *extra, model="hmil", epochs=3, splits=None):

@@ -5,22 +5,15 @@ import json
 import math
 from collections import Counter
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 import hmil.bags
-from hmil.hierarchy import Hierarchy
-from hmil.synthetic_features import SyntheticConfig, generate_cohort, write_cohort
+from hmil.synthetic_features import SyntheticConfig
 from hmil.train import main
+from tests.hmil.cohorts import write_fold_cohort
 
-TINY_SPEC = {
-    "name": "tiny",
-    "coarse": ["A", "B"],
-    "fine": {"a1": "A", "a2": "A", "b1": "B", "b2": "B"},
-}
 SMALL = SyntheticConfig(
     bags_per_class=4, feature_dim=16, min_instances=20, max_instances=40, signal=6.0, seed=5
 )
@@ -29,16 +22,7 @@ SMALL = SyntheticConfig(
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """16 slides; fold0 puts 1 slide per class in test, 1 in val and 2 in train."""
-    root = tmp_path_factory.mktemp("options_cohort")
-    hierarchy_path = root / "tiny.yaml"
-    hierarchy_path.write_text(yaml.safe_dump(TINY_SPEC, sort_keys=False))
-    generated = generate_cohort(Hierarchy.from_yaml(hierarchy_path), SMALL)
-    write_cohort(generated, root / "features")
-    table = generated.table.copy()
-    rank = table.groupby("label").cumcount()
-    table["fold0"] = np.where(rank < 1, "test", np.where(rank < 2, "val", "train"))
-    table.to_csv(root / "DATA_SPLIT.csv", index=False)
-    return {"root": root, "hierarchy": hierarchy_path, "table": table}
+    return write_fold_cohort(tmp_path_factory.mktemp("options_cohort"), SMALL, 1, 1)
 
 
 def train(cohort, out, *extra, epochs=3):
