@@ -33,8 +33,7 @@ from hmil.models.transmil import (
 from hmil.synthetic_features import SyntheticConfig, generate_cohort
 from hmil.train import main
 from hmil.training import train_epoch
-from preprocessing.cli import run_cli
-from tests.hmil.cohorts import TINY_SPEC, write_fold_cohort
+from tests.hmil.train_cli import TINY_SPEC, one_error_line, write_fold_cohort
 
 ROOT = Path(__file__).resolve().parents[2]
 BASELINES = ["clam_sb", "clam_mb", "transmil", "dsmil"]
@@ -478,15 +477,6 @@ def test_mhim_transmil_and_dsmil_train_from_their_teachers(
     )
     assert main(args) == 0
     check_run_outputs(out, cohort, f"mhim_{student}", ATTENTION_ROWS[student])
-
-
-def one_error_line(capsys, args) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, args)
-    assert exit_info.value.code == 1
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1
-    return lines[0]
 
 
 def test_mhim_without_teacher_is_one_error_line(cohort, tmp_path, capsys):

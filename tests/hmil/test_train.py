@@ -16,8 +16,7 @@ import torch
 from hmil.hierarchy import Hierarchy
 from hmil.synthetic_features import SyntheticConfig
 from hmil.train import main
-from preprocessing.cli import run_cli
-from tests.hmil.cohorts import write_fold_cohort
+from tests.hmil.train_cli import one_error_line, write_fold_cohort
 
 ROOT = Path(__file__).resolve().parents[2]
 # Easy: fine classes of one coarse group far apart, 10–30 % key instances, strong signal.
@@ -228,15 +227,6 @@ def test_cuda_run_trains_with_bf16_autocast_and_records_it(cli_runs, cohort, tmp
     assert main(train_args(cohort, resumed, "--device", "cuda", "--stop-after", "1")) == 0
     assert main(train_args(cohort, resumed, "--device", "cuda")) == 0
     assert pd.read_csv(resumed / "log.csv")["epoch"].tolist() == [0, 1, 2]
-
-
-def one_error_line(capsys, args) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, args)
-    assert exit_info.value.code == 1
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1
-    return lines[0]
 
 
 def rewritten_splits(cohort, tmp_path, change) -> Path:

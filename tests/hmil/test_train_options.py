@@ -12,7 +12,7 @@ import torch
 import hmil.bags
 from hmil.synthetic_features import SyntheticConfig
 from hmil.train import main
-from tests.hmil.cohorts import write_fold_cohort
+from tests.hmil.train_cli import write_fold_cohort
 
 SMALL = SyntheticConfig(
     bags_per_class=4, feature_dim=16, min_instances=20, max_instances=40, signal=6.0, seed=5

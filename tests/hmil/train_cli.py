@@ -1,15 +1,18 @@
-"""Generated feature cohorts for trainer tests: bags on disk, the tiny hierarchy and a
-DATA_SPLIT.csv, as `hmil.train` reads them in the workflow."""
+"""What the `hmil.train` tests share: a generated feature cohort on disk (bags, the tiny
+hierarchy and a DATA_SPLIT.csv, as the workflow gives them) and the one-error-line check."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from hmil.hierarchy import Hierarchy
 from hmil.synthetic_features import SyntheticConfig, generate_cohort, write_cohort
+from hmil.train import main
+from preprocessing.cli import run_cli
 
 #: Fine a1, a2 → coarse A; fine b1, b2 → coarse B.
 TINY_SPEC = {
@@ -38,3 +41,14 @@ def write_fold_cohort(
     splits_path = root / "DATA_SPLIT.csv"
     table.to_csv(splits_path, index=False)
     return {"root": root, "hierarchy": hierarchy_path, "splits": splits_path, "table": table}
+
+
+def one_error_line(capsys, args: list[str]) -> str:
+    """Run `hmil.train` as `python -m` would, expect exit 1 and exactly one `error:` line on
+    stderr; return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, args)
+    assert exit_info.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    return lines[0]
