@@ -12,8 +12,6 @@ Every output records where its weights came from (`weights_record`).
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -23,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from preprocessing.digests import file_sha256
 from preprocessing.errors import PipelineError
 from preprocessing.handcrafted import FEATURE_DIM as STAIN_TEXTURE_DIM
 from preprocessing.handcrafted import StainTextureEncoder
@@ -178,19 +177,7 @@ def weights_record(spec: EncoderSpec, weights: str | Path | None) -> str:
     if str(weights) == RANDOM_WEIGHTS:
         return RANDOM_WEIGHTS
     path = _checkpoint_path(weights)
-    stat = path.stat()
-    digest = _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    return f"file:{path.name}:sha256:{digest[:16]}"
-
-
-@functools.cache
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """Digest of a file, remembered per (path, size, mtime): a 1 GB checkpoint is hashed once."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return f"file:{path.name}:sha256:{file_sha256(path)[:16]}"
 
 
 def _default_source(spec: EncoderSpec) -> str:

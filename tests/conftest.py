@@ -27,6 +27,15 @@ def _fixture_dir() -> Path | None:
 FIXTURES = _fixture_dir()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Checkpoint digests go to a temporary cache, not the user's ~/.cache (subprocesses,
+    Snakemake jobs included, inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HMIL_CACHE_DIR", str(tmp_path_factory.mktemp("hmil_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def fixture_slides() -> Path:
     """Folder of the real test slides (read-only)."""
