@@ -17,12 +17,14 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.fx.experimental import optimization as fx_optimization
@@ -30,8 +32,14 @@ from tqdm import tqdm
 
 from preprocessing.atomic import atomic_outputs, buffered
 from preprocessing.cli import run_cli, setup_logging
-from preprocessing.encoders import EncoderSpec, build_encoder, get_encoder_spec, weights_record
-from preprocessing.errors import PipelineError, SlideError
+from preprocessing.encoders import (
+    EncoderError,
+    EncoderSpec,
+    build_encoder,
+    get_encoder_spec,
+    weights_record,
+)
+from preprocessing.errors import OutputError, PipelineError, SlideError
 from preprocessing.patch_dataset import (
     PatchDataset,
     ReadGeometry,
@@ -40,6 +48,7 @@ from preprocessing.patch_dataset import (
     read_geometry,
 )
 from preprocessing.provenance import code_version
+from preprocessing.sheet import read_slide_sheet
 from preprocessing.slide import open_slide
 
 log = logging.getLogger("hmil.extract")
@@ -468,12 +477,21 @@ def _count(value: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m preprocessing.extract",
-        description="Encode the patches of one slide into a features h5 (+ .pt tensor).",
+        description="Encode the patches of one slide, or of every slide of a sheet with the "
+        "model loaded once, into features h5 (+ .pt tensor) files.",
+        epilog="One slide: SLIDE PATCHES --out F.h5. A cohort: --sheet slides.csv "
+        "--patches-dir DIR --out-dir DIR (files <slide_id>.h5/.pt; a slide that fails is "
+        "listed in <out-dir>/failed_slides.csv and the others go on, unless --strict).",
     )
-    parser.add_argument("slide", type=Path, help="slide file (any format OpenSlide reads)")
-    parser.add_argument("patches", type=Path, help="patches h5 of preprocessing.patch")
+    parser.add_argument("slide", type=Path, nargs="?", help="slide file (any OpenSlide format)")
+    parser.add_argument("patches", type=Path, nargs="?", help="patches h5 of preprocessing.patch")
     parser.add_argument("--encoder", required=True, help="registered name or timm:<model>")
-    parser.add_argument("--out", type=Path, required=True, help="features h5 to write")
+    parser.add_argument("--out", type=Path, help="features h5 to write (one slide)")
+    cohort = parser.add_argument_group("a cohort in one process")
+    cohort.add_argument("--sheet", type=Path, help="slide sheet CSV (slide_id, path, ...)")
+    cohort.add_argument("--patches-dir", type=Path, help="folder of <slide_id>.h5 patches files")
+    cohort.add_argument("--out-dir", type=Path, help="folder for <slide_id>.h5/.pt features")
+    cohort.add_argument("--strict", action="store_true", help="stop at the first slide that fails")
     parser.add_argument(
         "--weights", help="checkpoint file, or 'random' (tests only); default: download"
     )
@@ -497,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     parser.add_argument(
-        "--check", action="store_true", help="only validate an existing --out; exit 1 if invalid"
+        "--check", action="store_true", help="only validate existing outputs; exit 1 if invalid"
     )
     out_pt = parser.add_mutually_exclusive_group()
     out_pt.add_argument("--out-pt", type=Path, help="N×D float32 tensor (default: --out with .pt)")
@@ -507,32 +525,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide's inputs and outputs."""
+
+    slide_id: str
+    slide: Path
+    patches: Path
+    out: Path
+    out_pt: Path | None
+
+
+def slide_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[SlideJob]:
+    """The slides to encode: the one given on the command line, or every slide of --sheet."""
+    if args.sheet is None:
+        if args.slide is None or args.patches is None or args.out is None:
+            parser.error("give SLIDE PATCHES --out F.h5, or --sheet with --patches-dir/--out-dir")
+        if args.patches_dir or args.out_dir or args.strict:
+            parser.error("--patches-dir, --out-dir and --strict go with --sheet")
+        out_pt = None if args.no_pt else (args.out_pt or default_pt_path(args.out))
+        slide_id = args.patches.stem
+        return [SlideJob(slide_id, args.slide, args.patches, args.out, out_pt)]
+    if args.slide or args.patches or args.out or args.out_pt:
+        parser.error("--sheet takes no SLIDE, PATCHES, --out or --out-pt")
+    if args.patches_dir is None or args.out_dir is None:
+        parser.error("--sheet needs --patches-dir and --out-dir")
+    sheet = read_slide_sheet(args.sheet, require_labels=False)
+    return [
+        SlideJob(
+            slide_id,
+            Path(path),
+            args.patches_dir / f"{slide_id}.h5",
+            args.out_dir / f"{slide_id}.h5",
+            None if args.no_pt else args.out_dir / f"{slide_id}.pt",
+        )
+        for slide_id, path in zip(sheet["slide_id"], sheet["path"], strict=True)
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(args.verbose)
     spec = get_encoder_spec(args.encoder)
-    patches = read_patches(args.patches)
-    out_pt = None if args.no_pt else (args.out_pt or default_pt_path(args.out))
-    if args.check:  # compares weights and dtype only when they are given
-        record = weights_record(spec, args.weights) if args.weights else None
-        problem = validate_features(args.out, args.patches, spec.name, record, args.dtype, out_pt)
-        if problem:
-            raise PipelineError(f"{args.out}: {problem}")
-        print(f"{args.out}: valid features of {patches.slide_id}")
-        return 0
+    jobs = slide_jobs(args, parser)
+    if args.check:
+        return check_outputs(args, spec, jobs)
 
     dtype = args.dtype or "float32"
     record = weights_record(spec, args.weights)
-    if args.out.exists():
-        problem = validate_features(args.out, args.patches, spec.name, record, dtype, out_pt)
-        if problem is None:
-            print(f"{patches.slide_id}: {args.out} is already complete and valid; skipped")
-            return 0
-        log.warning("%s: existing output is invalid (%s); recomputing", args.out, problem)
-
     device = resolve_device(args.device)
-    if args.device == "auto" and device.type == "cpu":
-        log.warning("no CUDA GPU available: extracting on the CPU")
     params = ExtractParams(
         encoder=args.encoder,
         weights=args.weights,
@@ -544,50 +586,140 @@ def main(argv: list[str] | None = None) -> int:
         on_bad_patch=args.on_bad_patch,
         compile=args.compile,
     )
+    runner = LazyRunner(args.encoder, args.weights, device, params)
+    if args.sheet is None:
+        print(encode_slide(jobs[0], spec, record, params, runner, args.no_progress))
+        return 0
+    return encode_cohort(jobs, spec, record, params, runner, args)
+
+
+def check_outputs(args: argparse.Namespace, spec: EncoderSpec, jobs: list[SlideJob]) -> int:
+    """--check: validate without computing; compares weights and dtype only when given."""
+    record = weights_record(spec, args.weights) if args.weights else None
+    invalid = 0
+    for job in jobs:
+        problem = validate_features(job.out, job.patches, spec.name, record, args.dtype, job.out_pt)
+        if problem and len(jobs) == 1:
+            raise PipelineError(f"{job.out}: {problem}")
+        if problem:
+            invalid += 1
+            print(f"error: {job.out}: {problem}", file=sys.stderr)
+        else:
+            print(f"{job.out}: valid features of {job.slide_id}")
+    return 1 if invalid else 0
+
+
+class LazyRunner:
+    """The encoder, built on first use and then kept: slides that need no computing (valid
+    outputs, flagged patches files) never load the model."""
+
+    def __init__(self, name: str, weights: str | None, device: torch.device, params):
+        self.name, self.weights, self.device, self.params = name, weights, device, params
+        self._runner: EncoderRunner | None = None
+
+    def get(self) -> EncoderRunner:
+        if self._runner is None:
+            params = self.params
+            if params.device == "auto" and self.device.type == "cpu":
+                log.warning("no CUDA GPU available: extracting on the CPU")
+            model, spec, _ = build_encoder(self.name, self.weights)
+            self._runner = EncoderRunner(
+                model, spec, self.device, params.precision, params.compile, params.batch_size
+            )
+            if params.compile:
+                log.info("compiled %s in %.1f s", spec.name, self._runner.warm_up())
+        return self._runner
+
+
+def encode_slide(
+    job: SlideJob,
+    spec: EncoderSpec,
+    record: str,
+    params: ExtractParams,
+    runner: LazyRunner,
+    no_progress: bool,
+) -> str:
+    """Make the outputs of one slide (keeping valid ones); returns the summary line."""
+    patches = read_patches(job.patches)
+    if job.out.exists():
+        problem = validate_features(
+            job.out, job.patches, spec.name, record, params.dtype, job.out_pt
+        )
+        if problem is None:
+            return f"{patches.slide_id}: {job.out} is already complete and valid; skipped"
+        log.warning("%s: existing output is invalid (%s); recomputing", job.out, problem)
     attrs = {
         "encoder": spec.name,
         "weights": record,
         "feature_dim": spec.feature_dim,
         "precision": params.precision,
-        "device": str(device),
-        "dtype": dtype,
+        "device": str(runner.device),
+        "dtype": params.dtype,
         "encoder_input_size": spec.input_size,
         "encoder_mpp": spec.mpp,
         "code_version": code_version(),
-        "params": json.dumps({**asdict(params), "slide": str(args.slide)}, sort_keys=True),
+        "params": json.dumps({**asdict(params), "slide": str(job.slide)}, sort_keys=True),
     }
     if patches.status != STATUS_OK:
         reason = str(patches.attrs.get("status_reason", "")) or "no patches"
         attrs.update(status=patches.status, status_reason=reason)
         empty, no_rows = np.zeros((0, spec.feature_dim), np.float32), np.zeros(0, np.int64)
         no_coords = np.zeros((0, 2), np.int64)
-        write_features(args.out, out_pt, empty, no_coords, no_rows, patches, attrs, dtype)
-        print(
-            f"warning: {args.slide}: patches file is flagged {patches.status} ({reason}); "
-            f"wrote an empty features file {args.out}"
+        write_features(job.out, job.out_pt, empty, no_coords, no_rows, patches, attrs, params.dtype)
+        return (
+            f"warning: {job.slide}: patches file is flagged {patches.status} ({reason}); "
+            f"wrote an empty features file {job.out}"
         )
-        return 0
-    line = extract_slide(args, patches, spec, device, params, attrs, out_pt)
-    print(line)
+    return extract_slide(job, patches, spec, runner.get(), params, attrs, no_progress)
+
+
+def encode_cohort(
+    jobs: list[SlideJob],
+    spec: EncoderSpec,
+    record: str,
+    params: ExtractParams,
+    runner: LazyRunner,
+    args: argparse.Namespace,
+) -> int:
+    """Every slide of the sheet with one model; a failing slide is listed and the others go
+    on (unless --strict)."""
+    failed: list[tuple[str, str]] = []
+    bar = tqdm(jobs, desc=f"{spec.name} features", unit="slide", disable=args.no_progress)
+    for job in bar:
+        try:
+            line = encode_slide(job, spec, record, params, runner, no_progress=True)
+        except (OutputError, EncoderError):
+            raise  # disk full, bad weights: every later slide would fail the same way
+        except PipelineError as err:
+            if args.strict:
+                raise
+            failed.append((job.slide_id, str(err)))
+            line = f"error: {err}"
+        tqdm.write(line, file=sys.stderr if line.startswith(("error", "warning")) else sys.stdout)
+    failed_csv = args.out_dir / "failed_slides.csv"
+    with atomic_outputs(failed_csv) as (temp,):
+        table = pd.DataFrame(failed, columns=["slide_id", "reason"])
+        table.to_csv(temp, index=False)
+    done = len(jobs) - len(failed)
+    summary = f"{done} of {len(jobs)} slides have features in {args.out_dir}"
+    if failed:
+        summary += f"; {len(failed)} failed, listed in {failed_csv}"
+    print(summary)
     return 0
 
 
 def extract_slide(
-    args: argparse.Namespace,
+    job: SlideJob,
     patches: Patches,
     spec: EncoderSpec,
-    device: torch.device,
+    runner: EncoderRunner,
     params: ExtractParams,
     attrs: dict,
-    out_pt: Path | None,
+    no_progress: bool,
 ) -> str:
     """Encode the patches of a slide and write its outputs; returns the summary line."""
-    geometry = _slide_geometry(args.slide, patches, spec)
-    model, spec, record = build_encoder(spec.name, args.weights)
-    runner = EncoderRunner(model, spec, device, params.precision, params.compile, args.batch_size)
-    if params.compile:
-        log.info("compiled %s in %.1f s", spec.name, runner.warm_up())
-    dataset = PatchDataset(args.slide, patches.coords, geometry)
+    geometry = _slide_geometry(job.slide, patches, spec)
+    dataset = PatchDataset(job.slide, patches.coords, geometry)
     result = extract_features(
         dataset,
         runner,
@@ -595,20 +727,20 @@ def extract_slide(
         params.batch_size,
         params.workers,
         params.on_bad_patch,
-        progress=not args.no_progress,
+        progress=not no_progress,
     )
     skipped, coords = result.skipped_indices, patches.coords[result.kept]
     not_finite = np.flatnonzero(~np.isfinite(result.features).all(axis=1))
     if len(not_finite):
         x, y = coords[not_finite[0]]
         raise PipelineError(
-            f"{args.slide}: encoder {spec.name} gave NaN/Inf features for {len(not_finite)} "
-            f"patches (first at level-0 ({x}, {y})); check the weights ({record})"
+            f"{job.slide}: encoder {spec.name} gave NaN/Inf features for {len(not_finite)} "
+            f"patches (first at level-0 ({x}, {y})); check the weights ({attrs['weights']})"
         )
     for row, message in result.errors.items():
         x, y = patches.coords[row]
         log.warning(
-            "%s: skipped unreadable patch at level-0 (%d, %d) (%s)", args.slide, x, y, message
+            "%s: skipped unreadable patch at level-0 (%d, %d) (%s)", job.slide, x, y, message
         )
     attrs.update(read_level=geometry.level, read_size=geometry.region_size)
     if len(skipped) == len(patches.coords):
@@ -616,22 +748,24 @@ def extract_slide(
     else:
         reason = f"{len(skipped)} unreadable patches skipped" if len(skipped) else ""
         attrs.update(status=STATUS_OK, status_reason=reason)
-    write_features(args.out, out_pt, result.features, coords, skipped, patches, attrs, params.dtype)
+    write_features(
+        job.out, job.out_pt, result.features, coords, skipped, patches, attrs, params.dtype
+    )
     rate = len(patches.coords) / max(result.seconds, 1e-9)
     log.info(
         "%s: %.1f patches/s (%s, %s, %d workers)",
         patches.slide_id,
         rate,
-        device,
+        runner.device,
         params.precision,
         params.workers,
     )
     line = (
         f"{patches.slide_id}: {len(coords)} patches → {spec.feature_dim}-d features "
-        f"({spec.name}, {params.precision} on {device}), {rate:.1f} patches/s"
+        f"({spec.name}, {params.precision} on {runner.device}), {rate:.1f} patches/s"
     )
     if len(skipped):
-        line = f"warning: {args.slide}: {len(skipped)} unreadable patches skipped; {line}"
+        line = f"warning: {job.slide}: {len(skipped)} unreadable patches skipped; {line}"
     return line
 
 

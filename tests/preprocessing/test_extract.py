@@ -11,10 +11,12 @@ import cv2
 import h5py
 import numpy as np
 import openslide
+import pandas as pd
 import pytest
 import timm
 import torch
 
+import preprocessing.extract
 from preprocessing.cli import run_cli
 from preprocessing.encoders import build_encoder
 from preprocessing.errors import SlideError
@@ -441,3 +443,107 @@ def test_validate_features_names_the_problem(small_output, cmu, tmp_path):
     with h5py.File(copy, "r+") as h5:
         h5.attrs["feature_dim"] = 384
     assert "512-d but feature_dim says 384" in validate_features(copy)
+
+
+# --- a cohort in one process (--sheet) ----------------------------------------------------
+
+
+@pytest.fixture
+def cohort(cmu, fixture_slides, tmp_path):
+    """cmu (8 patches), broken (a corrupt tile under its middle patch) and ghost (no patches
+    file), in that order."""
+    slide, patches = cmu
+    patches_dir = tmp_path / "patches"
+    patches_dir.mkdir()
+    write_patches_like(patches, patches_dir / "cmu.h5", patches_coords(patches)[:8])
+    write_patches_like(
+        patches, patches_dir / "broken.h5", [[64, 0], [0, 0], [128, 0]],
+        patch_size=16, patch_size_level0=16, patch_size_level0_exact=16.0, slide_mpp=0.499,
+        level0_width=16, level0_height=16, slide_id="broken",
+    )  # fmt: skip
+    sheet = tmp_path / "slides.csv"
+    pd.DataFrame(
+        {
+            "slide_id": ["cmu", "broken", "ghost"],
+            "path": [slide, fixture_slides / "unreadable.svs", slide],
+        }
+    ).to_csv(sheet, index=False)
+    return {"sheet": sheet, "patches": patches_dir, "out": tmp_path / "features"}
+
+
+def cohort_args(cohort, weights, *extra, sheet=None):
+    return [
+        "--sheet", str(sheet or cohort["sheet"]), "--patches-dir", str(cohort["patches"]),
+        "--out-dir", str(cohort["out"]), "--encoder", ENCODER, "--weights", str(weights),
+        "--device", "cpu", "--workers", "0", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_a_cohort_is_encoded_and_failing_slides_are_listed(cohort, weights, reference, capsys):
+    code, stdout, err = run(cohort_args(cohort, weights), capsys)
+    assert code == 0
+    out = cohort["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["cmu.h5", "cmu.pt", "failed_slides.csv"]
+    data, attrs = read_features(out / "cmu.h5")
+    expected = read_features(reference)[0]["features"][:8]  # the one-slide CLI's features
+    np.testing.assert_allclose(data["features"], expected, rtol=1e-5, atol=1e-5)
+    assert attrs["encoder"] == ENCODER and attrs["status"] == "ok"
+    assert validate_features(out / "cmu.h5", cohort["patches"] / "cmu.h5", ENCODER) is None
+    failed = pd.read_csv(out / "failed_slides.csv").set_index("slide_id")["reason"]
+    assert list(failed.index) == ["broken", "ghost"]
+    assert "unreadable.svs" in failed["broken"] and "level-0 (0, 0)" in failed["broken"]
+    assert "ghost.h5: patches file not found" in failed["ghost"]
+    assert "1 of 3 slides have features" in stdout and "2 failed" in stdout
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "Traceback" not in err
+
+
+def test_a_rerun_keeps_valid_outputs_without_loading_the_model(
+    cohort, weights, capsys, monkeypatch
+):
+    assert run(cohort_args(cohort, weights), capsys)[0] == 0
+    written = (cohort["out"] / "cmu.h5").stat().st_mtime_ns
+    only_cmu = cohort["sheet"].with_name("cmu_only.csv")
+    pd.read_csv(cohort["sheet"]).head(1).to_csv(only_cmu, index=False)
+
+    def no_model(*_):
+        raise AssertionError("the encoder was built although every output is valid")
+
+    monkeypatch.setattr(preprocessing.extract, "build_encoder", no_model)
+    code, stdout, _ = run(cohort_args(cohort, weights, sheet=only_cmu), capsys)
+    assert code == 0 and "already complete and valid; skipped" in stdout
+    assert (cohort["out"] / "cmu.h5").stat().st_mtime_ns == written
+    assert pd.read_csv(cohort["out"] / "failed_slides.csv").empty
+
+
+def test_strict_stops_at_the_first_failing_slide(cohort, weights, capsys):
+    code, _, err = run(cohort_args(cohort, weights, "--strict"), capsys)
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "unreadable.svs" in errors[0], err
+    # cmu came first and is complete; ghost was never tried; no list of failures
+    assert sorted(p.name for p in cohort["out"].iterdir()) == ["cmu.h5", "cmu.pt"]
+
+
+def test_check_validates_every_slide_of_the_sheet(cohort, weights, capsys):
+    assert run(cohort_args(cohort, weights), capsys)[0] == 0
+    code, stdout, err = run(cohort_args(cohort, weights, "--check"), capsys)
+    assert code == 1
+    assert "cmu.h5: valid features of cmu" in stdout
+    assert "broken.h5: file not found" in err and "ghost.h5: file not found" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--sheet", "s.csv", "slide.svs", "p.h5", "--out-dir", "o", "--patches-dir", "p"],
+        ["--sheet", "s.csv", "--out-dir", "o"],
+        ["slide.svs", "p.h5"],
+        ["slide.svs", "p.h5", "--out", "f.h5", "--strict"],
+    ],
+)
+def test_mixing_the_two_modes_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--encoder", ENCODER])
+    assert done.value.code == 2
+    assert "usage:" in capsys.readouterr().err
