@@ -455,9 +455,11 @@ class ExtractParams:
 
 
 def default_workers(device: torch.device) -> int:
-    """CPU: one reader beside the encoder's threads; GPU: enough readers to feed it."""
+    """CPU: one reader beside the encoder's threads. GPU: every CPU this process may use but
+    one, up to 16: one reader supplies about 300 patches/s (`bench_features.py
+    --reader-only`), a GPU takes thousands."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return 1 if device.type == "cpu" else max(1, min(8, (cpus or 2) - 1))
+    return 1 if device.type == "cpu" else max(1, min(16, (cpus or 2) - 1))
 
 
 def _positive_int(value: str) -> int:
@@ -497,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=_positive_int, default=64)
     parser.add_argument(
-        "--workers", type=_count, help="reader processes (default: 1 on CPU, up to 8 on GPU)"
+        "--workers",
+        type=_count,
+        help="reader processes (default: 1 on CPU; on GPU all CPUs but one, up to 16)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(

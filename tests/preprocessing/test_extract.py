@@ -547,3 +547,10 @@ def test_mixing_the_two_modes_is_a_usage_error(argv, capsys):
         main([*argv, "--encoder", ENCODER])
     assert done.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("cpus", "on_gpu"), [(1, 1), (4, 3), (17, 16), (64, 16)])
+def test_default_readers_leave_a_cpu_for_the_main_process(monkeypatch, cpus, on_gpu):
+    monkeypatch.setattr(preprocessing.extract.os, "sched_getaffinity", lambda _: range(cpus))
+    assert preprocessing.extract.default_workers(torch.device("cpu")) == 1
+    assert preprocessing.extract.default_workers(torch.device("cuda")) == on_gpu
