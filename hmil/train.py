@@ -138,14 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     try:
-        try:
-            return train_fold(args)
-        except (BagError, HierarchyError) as error:
-            # Both are ValueErrors of hmil (not PipelineErrors): bad input, one line.
-            raise TrainingError(str(error)) from None
+        return train_fold(args)
     except Exception as error:
+        if isinstance(error, (BagError, HierarchyError)):
+            # ValueErrors of hmil (not PipelineErrors): bad input, one line.
+            error = TrainingError(str(error))
         if args.on_error != "record":
-            raise
+            raise error  # run_cli prints a TrainingError as one line
         return record_failure(args, error)
 
 
@@ -559,8 +558,7 @@ def write_final_outputs(
         "seed": args.seed,
         "best_epoch": state["best_epoch"],
     }
-    names = ["model.pt", "predictions.csv", "metrics.json", "attention.h5", "log.csv"]
-    with atomic_outputs(*(out / name for name in names)) as temps:
+    with atomic_outputs(*(out / name for name in FINAL_OUTPUTS)) as temps:
         model_tmp, predictions_tmp, metrics_tmp, attention_tmp, log_tmp = temps
         with buffered(model_tmp) as buffer:
             torch.save(checkpoint, buffer)

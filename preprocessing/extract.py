@@ -561,7 +561,7 @@ def slide_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> lis
             Path(path),
             args.patches_dir / f"{slide_id}.h5",
             args.out_dir / f"{slide_id}.h5",
-            None if args.no_pt else args.out_dir / f"{slide_id}.pt",
+            None if args.no_pt else default_pt_path(args.out_dir / f"{slide_id}.h5"),
         )
         for slide_id, path in zip(sheet["slide_id"], sheet["path"], strict=True)
     ]
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         on_bad_patch=args.on_bad_patch,
         compile=args.compile,
     )
-    runner = LazyRunner(args.encoder, args.weights, device, params)
+    runner = LazyRunner(device, params)
     if args.sheet is None:
         print(encode_slide(jobs[0], spec, record, params, runner, args.no_progress))
         return 0
@@ -617,8 +617,8 @@ class LazyRunner:
     """The encoder, built on first use and then kept: slides that need no computing (valid
     outputs, flagged patches files) never load the model."""
 
-    def __init__(self, name: str, weights: str | None, device: torch.device, params):
-        self.name, self.weights, self.device, self.params = name, weights, device, params
+    def __init__(self, device: torch.device, params: ExtractParams):
+        self.device, self.params = device, params
         self._runner: EncoderRunner | None = None
 
     def get(self) -> EncoderRunner:
@@ -626,7 +626,7 @@ class LazyRunner:
             params = self.params
             if params.device == "auto" and self.device.type == "cpu":
                 log.warning("no CUDA GPU available: extracting on the CPU")
-            model, spec, _ = build_encoder(self.name, self.weights)
+            model, spec, _ = build_encoder(params.encoder, params.weights)
             self._runner = EncoderRunner(
                 model, spec, self.device, params.precision, params.compile, params.batch_size
             )

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +26,16 @@ def _fixture_dir() -> Path | None:
 
 
 FIXTURES = _fixture_dir()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread in the test process: tiny models on a shared 2-core machine run
+    faster and steadier (subprocesses, Snakemake jobs included, choose their own)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,12 +18,3 @@ def tiny_hierarchy() -> Hierarchy:
 def tiny_membership(tiny_hierarchy: Hierarchy) -> torch.Tensor:
     """M [4, 2]: rows 0, 1 → column 0; rows 2, 3 → column 1."""
     return tiny_hierarchy.membership_tensor()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
