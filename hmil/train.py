@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from hmil.bags import BagDataset, BagError, drop_flagged_slides
+from hmil.feature_record import cohort_feature_record
 from hmil.hierarchy import HierarchyError
 from hmil.losses import HMILLoss, LossConfig
 from hmil.models import create_model, list_models
@@ -529,6 +530,7 @@ def write_final_outputs(
         )
         split_predictions[split] = predict(model, loader, membership, device)
     version = code_version()
+    features_record = cohort_feature_record(datasets["train"].paths)
     metrics = {
         split: split_metrics(predictions) for split, predictions in split_predictions.items()
     }
@@ -540,6 +542,7 @@ def write_final_outputs(
         "epochs_trained": state["epoch"],
         "stopped_early": state["stopped_early"],
         "in_dim": in_dim,
+        "features": features_record,
         "excluded_slides": state.get("excluded_slides", {}),
         "runtime": device_record(device),
     }
@@ -552,6 +555,8 @@ def write_final_outputs(
             else {}
         ),
         "in_dim": in_dim,
+        # how the training features were made: deployment refuses other features
+        "features": features_record,
         "hierarchy": hierarchy_as_dict(hierarchy),
         "config": config.as_dict(),
         "code_version": version,
