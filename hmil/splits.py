@@ -2,11 +2,18 @@
 
     python -m hmil.splits SHEET.csv --folds K --out DATA_SPLIT.csv [--seed S]
         [--hierarchy H.yaml|preset] [--protocol kfold|repeated] [--val-fraction 0.1]
-        [--test-fraction 0.1] [--allow-sparse-classes]
+        [--test-fraction 0.1] [--allow-sparse-classes] [--clam-dir DIR]
 
 Writes DATA_SPLIT.csv (one row per slide: ``slide_id, patient_id, label, coarse_label,
 fold0 … fold{K-1}`` holding ``train``/``val``/``test``) and a sidecar DATA_SPLIT.json
 (parameters, seed, code version, class counts per fold and part), both atomically.
+
+``--clam-dir DIR`` also writes the same folds in CLAM's layout, for tools that read CLAM's
+splits (CLAM's ``main.py`` and ``eval.py``; the HMIL authors' ``make_dataset_pkls.py`` is
+pointed at such a folder): per fold ``splits_{k}.csv``, ``splits_{k}_bool.csv`` and
+``splits_{k}_descriptor.csv`` as CLAM's ``create_splits_seq.py`` writes them (see
+:func:`clam_split_tables`). They come from the same table as DATA_SPLIT.csv, in the same
+atomic write, so the two layouts cannot disagree.
 
 The split depends on the sheet only: slides that later fail preprocessing keep their
 row (the trainer skips them), so adding an encoder or fixing a slide never reshuffles.
@@ -202,6 +209,43 @@ def _part_counts(splits: pd.DataFrame, column: str, classes: Sequence[str]) -> p
     return table.reindex(index=list(PARTS), columns=list(classes), fill_value=0)
 
 
+def clam_split_tables(
+    splits: pd.DataFrame, column: str, classes: Sequence[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One fold of DATA_SPLIT in CLAM's three tables (``create_splits_seq.py`` → ``save_splits``).
+
+    - ``splits_{k}.csv``: columns ``train, val, test``, each the slide ids of that part from
+      the top, shorter columns padded with empty cells, under a 0…n-1 index (CLAM writes
+      ``pd.concat(ids, axis=1).to_csv(path)``, index included). CLAM's reader
+      (``return_splits(from_id=False, csv_path=...)``) takes each column's non-empty cells.
+    - ``splits_{k}_bool.csv``: indexed by slide id (train slides, then val, then test),
+      columns ``train, val, test`` of True/False, one True per row.
+    - ``splits_{k}_descriptor.csv``: slides per class (rows, in class order) and part.
+
+    Slides keep the sheet's order within a part, as CLAM keeps its csv's order.
+    """
+    ids = {part: splits.loc[splits[column] == part, "slide_id"].astype(str) for part in PARTS}
+    columns = [ids[part].reset_index(drop=True).rename(part) for part in PARTS]
+    by_column = pd.concat(columns, axis=1).reindex(columns=list(PARTS))
+    ordered = pd.concat([ids[part] for part in PARTS], ignore_index=True)
+    part_of = np.repeat(np.arange(len(PARTS)), [len(ids[part]) for part in PARTS])
+    by_slide = pd.DataFrame(
+        np.eye(len(PARTS), dtype=bool)[part_of], index=ordered.to_numpy(), columns=list(PARTS)
+    )
+    descriptor = _part_counts(splits, column, classes).T.reindex(columns=list(PARTS))
+    descriptor.index.name = descriptor.columns.name = None  # CLAM's header: ",train,val,test"
+    return by_column, by_slide, descriptor
+
+
+def clam_split_paths(directory: Path, folds: int) -> list[Path]:
+    """``splits_{k}.csv``, ``splits_{k}_bool.csv``, ``splits_{k}_descriptor.csv`` per fold."""
+    return [
+        directory / f"splits_{k}{suffix}.csv"
+        for k in range(folds)
+        for suffix in ("", "_bool", "_descriptor")
+    ]
+
+
 # ---- protocol internals ----------------------------------------------------------------------
 
 
@@ -392,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="warn instead of failing when a class is too small for every part of every fold",
     )
+    parser.add_argument(
+        "--clam-dir",
+        type=Path,
+        help="also write the folds in CLAM's layout here (splits_{k}.csv, _bool, _descriptor)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -430,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_fraction": args.test_fraction if args.protocol == "repeated" else None,
         "allow_sparse_classes": args.allow_sparse_classes,
         "hierarchy": hierarchy.name if hierarchy else None,
+        "clam_dir": str(args.clam_dir) if args.clam_dir else None,
     }
     sidecar = {
         "seed": args.seed,
@@ -440,14 +490,21 @@ def main(argv: list[str] | None = None) -> int:
         "classes": classes,
         "counts": class_counts(splits, classes),
     }
-    with atomic_outputs(args.out, args.out.with_suffix(".json")) as (csv_tmp, json_tmp):
+    folds = fold_columns(splits)
+    clam_paths = clam_split_paths(args.clam_dir, len(folds)) if args.clam_dir else []
+    with atomic_outputs(args.out, args.out.with_suffix(".json"), *clam_paths) as temporaries:
+        csv_tmp, json_tmp, *clam_tmps = temporaries
         splits.to_csv(csv_tmp, index=False, lineterminator="\n")
         json_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+        for k, column in enumerate(folds if clam_paths else []):
+            tables = clam_split_tables(splits, column, classes)
+            for table, path in zip(tables, clam_tmps[3 * k : 3 * k + 3], strict=True):
+                table.to_csv(path, lineterminator="\n")
     log.info("slides per fold, part and class:\n%s", counts_table(splits, classes))
     print(
         f"{args.out}: {len(splits)} slides of {sidecar['n_patients']} patients, "
         f"{args.folds} {'folds' if args.protocol == 'kfold' else 'repeats'} ({args.protocol}), "
-        f"seed {args.seed}"
+        f"seed {args.seed}" + (f"; CLAM layout in {args.clam_dir}" if args.clam_dir else "")
     )
     return 0
 

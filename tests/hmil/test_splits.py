@@ -268,3 +268,63 @@ def test_patient_with_several_labels_is_stratified_by_its_majority_and_kept_toge
     splits = make_splits(sheet, folds=5, seed=0, hierarchy=six_class_hierarchy)
     for column in [c for c in splits.columns if c.startswith("fold")]:
         assert splits.loc[splits["patient_id"] == "mixed", column].nunique() == 1
+
+
+def clam_return_splits(csv_path, slide_ids: pd.Series) -> dict[str, set[str]]:
+    """A re-statement of CLAM's reader, ``Generic_WSI_Classification_Dataset.return_splits(
+    from_id=False, csv_path=...)`` with ``get_split_from_df``: read the csv with the slide
+    ids' dtype, take each column's non-empty cells, select those slides of the dataset."""
+    all_splits = pd.read_csv(csv_path, dtype=slide_ids.dtype)
+    found = {}
+    for key in ("train", "val", "test"):
+        split = all_splits[key].dropna().reset_index(drop=True)
+        found[key] = set(slide_ids[slide_ids.isin(split.tolist())])
+    return found
+
+
+def test_clam_layout_reads_back_as_the_same_folds(tmp_path, hierarchy_yaml):
+    sheet = make_sheet()
+    # Zero-padded numeric ids: the case CLAM's reader guards with dtype (they must stay text).
+    sheet["slide_id"] = [f"{i:04d}" for i in range(len(sheet))]
+    path = tmp_path / "slides.csv"
+    sheet.to_csv(path, index=False)
+    out, clam = tmp_path / "DATA_SPLIT.csv", tmp_path / "clam"
+    args = [str(path), "--folds", "4", "--out", str(out), "--hierarchy", str(hierarchy_yaml)]
+    assert main([*args, "--clam-dir", str(clam)]) == 0
+
+    splits = pd.read_csv(out, dtype={"slide_id": str})
+    dataset_ids = splits["slide_id"].astype(object)  # CLAM's slide_data column
+    assert sorted(p.name for p in clam.iterdir()) == sorted(
+        f"splits_{k}{s}.csv" for k in range(4) for s in ("", "_bool", "_descriptor")
+    )
+    for k in range(4):
+        expected = {
+            part: set(splits.loc[splits[f"fold{k}"] == part, "slide_id"])
+            for part in ("train", "val", "test")
+        }
+        assert all(expected.values())
+        lines = (clam / f"splits_{k}.csv").read_text().splitlines()
+        assert lines[0] == ",train,val,test"
+        assert [line.split(",")[0] for line in lines[1:]] == [
+            str(i) for i in range(len(expected["train"]))
+        ]  # train is the longest column; val and test are padded with empty cells
+        assert clam_return_splits(clam / f"splits_{k}.csv", dataset_ids) == expected
+
+        flags = pd.read_csv(clam / f"splits_{k}_bool.csv", index_col=0, dtype={0: str})
+        assert list(flags.columns) == ["train", "val", "test"]
+        assert (flags.sum(axis=1) == 1).all() and len(flags) == len(splits)
+        assert {part: set(flags.index[flags[part]]) for part in flags} == expected
+
+        descriptor = pd.read_csv(clam / f"splits_{k}_descriptor.csv", index_col=0)
+        assert list(descriptor.index) == list(FINE)
+        for part in ("train", "val", "test"):
+            in_part = splits[splits[f"fold{k}"] == part]
+            assert descriptor[part].to_dict() == {
+                c: int((in_part["label"] == c).sum()) for c in FINE
+            }
+    assert json.loads(out.with_suffix(".json").read_text())["params"]["clam_dir"] == str(clam)
+
+    # Without --clam-dir the DATA_SPLIT.csv is byte-identical: the CLAM copy is derived only.
+    plain = tmp_path / "plain" / "DATA_SPLIT.csv"
+    assert main([*args[:4], str(plain), *args[5:]]) == 0
+    assert plain.read_bytes() == out.read_bytes()
