@@ -2,7 +2,10 @@
 
 A features directory holds one file per slide: ``<slide_id>.h5`` (dataset ``features``
 N×D, dataset ``coords`` N×2, attribute ``feature_dim``) or ``<slide_id>.pt`` (an N×D
-tensor, the HMIL reference layout). ``.h5`` wins when both exist.
+tensor, the HMIL reference layout). ``.h5`` wins when both exist. Features made elsewhere
+(`preprocessing.import_features`) arrive as thin h5 files: ``features``/``coords`` are
+external links into the source files, or, for a ``.pt`` source, the attribute
+``features_pt`` names the tensor file, which is read in its place.
 
 Everything that can be checked without reading the features (the file exists, the label
 is a class of the hierarchy, N > 0, every slide has the same D) is checked when the
@@ -127,12 +130,17 @@ def read_bag_shape(path: str | Path, slide_id: str) -> tuple[int, int]:
         return int(features.shape[0]), int(features.shape[1])
     try:
         with h5py.File(path, "r") as file:
-            if "features" not in file:
-                raise BagError(f"slide {slide_id!r} ({path}): no 'features' dataset")
-            shape = file["features"].shape
+            tensor_file = _imported_tensor(file, path, slide_id)
+            if tensor_file is None:
+                if "features" not in file:
+                    raise BagError(f"slide {slide_id!r} ({path}): no 'features' dataset")
+                _check_link(file, "features", path, slide_id)
+                shape = file["features"].shape
             declared_dim = file.attrs.get("feature_dim")
-    except OSError as error:
+    except (OSError, KeyError) as error:
         raise unreadable(slide_id, path, error) from None
+    if tensor_file is not None:
+        shape = tuple(_load_pt(tensor_file, slide_id, mmap=True).shape)
     if len(shape) != 2:
         raise BagError(f"slide {slide_id!r} ({path}): 'features' has shape {shape}, expected N×D")
     if declared_dim is not None and int(declared_dim) != shape[1]:
@@ -151,10 +159,16 @@ def load_bag_features(path: str | Path, slide_id: str) -> torch.Tensor:
     else:
         try:
             with h5py.File(path, "r") as file:
-                array = np.asarray(file["features"][()], dtype=np.float32)
+                tensor_file = _imported_tensor(file, path, slide_id)
+                if tensor_file is None:
+                    _check_link(file, "features", path, slide_id)
+                    array = np.asarray(file["features"][()], dtype=np.float32)
         except (OSError, KeyError) as error:
             raise unreadable(slide_id, path, error) from None
-        features = torch.from_numpy(array)
+        if tensor_file is None:
+            features = torch.from_numpy(array)
+        else:
+            features = _load_pt(tensor_file, slide_id, mmap=False).to(torch.float32)
     if features.ndim != 2:
         raise BagError(
             f"slide {slide_id!r} ({path}): features have shape {tuple(features.shape)}, "
@@ -170,6 +184,30 @@ def load_bag_features(path: str | Path, slide_id: str) -> torch.Tensor:
             f"NaN or Inf; {rebuild_hint(path)}"
         )
     return features
+
+
+def _imported_tensor(file: h5py.File, path: Path, slide_id: str) -> Path | None:
+    """The ``.pt`` file a thin (imported) features h5 stands for, or None for a plain h5."""
+    if "features" in file or "features_pt" not in file.attrs:
+        return None
+    tensor_file = file.attrs["features_pt"]
+    tensor_file = Path(tensor_file.decode() if isinstance(tensor_file, bytes) else tensor_file)
+    if not tensor_file.is_file():
+        raise BagError(
+            f"slide {slide_id!r} ({path}): its features are {tensor_file}, which is missing; "
+            "restore the features made elsewhere or re-run their import"
+        )
+    return tensor_file
+
+
+def _check_link(file: h5py.File, name: str, path: Path, slide_id: str) -> None:
+    """A dataset that links to a file made elsewhere must still find that file."""
+    link = file.get(name, getlink=True)
+    if isinstance(link, h5py.ExternalLink) and not Path(link.filename).is_file():
+        raise BagError(
+            f"slide {slide_id!r} ({path}): its {name!r} link to {link.filename} is broken "
+            "(file missing); restore the features made elsewhere or re-run their import"
+        )
 
 
 def _load_pt(path: Path, slide_id: str, mmap: bool) -> torch.Tensor:
