@@ -360,6 +360,9 @@ class Evaluation:
     oof: pd.DataFrame
     num_patients: int
     version: str = field(default_factory=code_version)
+    #: "cross-validation" (pooled: the folds' test sets together) or "external" (pooled:
+    #: the fold models' ensemble on one external cohort; per fold: each model alone)
+    kind: str = "cross-validation"
 
     @property
     def name(self) -> str:
@@ -371,11 +374,21 @@ def evaluate(
     missing: list[MissingFold],
     identity: tuple[str, str],
     params: dict[str, Any],
+    pooled: Fold | None = None,
 ) -> Evaluation:
-    """Per-fold and pooled metrics of every level, with bootstrap samples of the pooled ones."""
+    """Per-fold and pooled metrics of every level, with bootstrap samples of the pooled ones.
+
+    ``pooled`` (external validation): the predictions to pool instead of the folds' test
+    sets together, i.e. the fold models' ensemble on an external cohort, which every fold
+    scored whole.
+    """
     classes = folds[0].classes
-    oof = pd.concat([fold.test.assign(fold=fold.fold) for fold in folds], ignore_index=True)
-    oof.insert(0, "fold", oof.pop("fold"))
+    if pooled is None:
+        oof = pd.concat([fold.test.assign(fold=fold.fold) for fold in folds], ignore_index=True)
+        oof.insert(0, "fold", oof.pop("fold"))
+        pooled_parts = folds
+    else:
+        oof, pooled_parts = pooled.test, [pooled]
     groups = patient_groups(oof["patient_id"].to_numpy())
     rng = np.random.default_rng(params["seed"])
     # One set of resamples for every level and metric, so their CIs are paired.
@@ -390,8 +403,8 @@ def evaluate(
                 "coarse_from_fine is its coarse-level result"
             )
             continue
-        labels = np.concatenate([fold.labels(level) for fold in folds])
-        probs = np.concatenate([fold.probs(level) for fold in folds])
+        labels = np.concatenate([fold.labels(level) for fold in pooled_parts])
+        probs = np.concatenate([fold.probs(level) for fold in pooled_parts])
         levels[level] = LevelResult(
             level=level,
             classes=classes.of(level),
@@ -414,6 +427,7 @@ def evaluate(
         params=params,
         oof=oof,
         num_patients=int(groups.max()) + 1,
+        kind="cross-validation" if pooled is None else "external",
     )
 
 
@@ -531,17 +545,15 @@ def ci_text(low: float, high: float) -> str:
 def header_lines(evaluation: Evaluation) -> list[str]:
     used = ", ".join(str(fold.fold) for fold in evaluation.folds)
     total = len(evaluation.folds) + len(evaluation.missing)
-    lines = [
-        f"Folds evaluated: {used} ({len(evaluation.folds)} of {total}).",
-    ]
+    external = evaluation.kind == "external"
+    what = "Fold models in the ensemble" if external else "Folds evaluated"
+    lines = [f"{what}: {used} ({len(evaluation.folds)} of {total})."]
     if evaluation.missing:
         lines.append(
             "**Missing folds:** " + "; ".join(m.describe() for m in evaluation.missing) + "."
         )
-    lines.append(
-        f"Pooled out-of-fold test set: {len(evaluation.oof)} slides from "
-        f"{evaluation.num_patients} patients."
-    )
+    pooled = "External cohort (labelled slides)" if external else "Pooled out-of-fold test set"
+    lines.append(f"{pooled}: {len(evaluation.oof)} slides from {evaluation.num_patients} patients.")
     return lines
 
 
@@ -550,7 +562,11 @@ def provenance_line(evaluation: Evaluation) -> str:
 
 
 def summary_markdown(evaluation: Evaluation, rows: list[dict[str, Any]]) -> str:
-    lines = [f"# Evaluation: {evaluation.name}", "", *header_lines(evaluation), ""]
+    external = evaluation.kind == "external"
+    title = "External validation" if external else "Evaluation"
+    spread, pooled = ("Fold models: mean ± SD", "Ensemble") if external else (
+        "Mean ± SD over folds", "Pooled")  # fmt: skip
+    lines = [f"# {title}: {evaluation.name}", "", *header_lines(evaluation), ""]
     for level in LEVELS:
         if level in evaluation.skipped:
             lines += [f"## {level}", "", f"Skipped: {evaluation.skipped[level]}.", ""]
@@ -560,9 +576,9 @@ def summary_markdown(evaluation: Evaluation, rows: list[dict[str, Any]]) -> str:
             [
                 {
                     "Metric": METRIC_TITLES[row["metric"]],
-                    "Mean ± SD over folds": mean_std_text(row["mean"], row["std"], row["n_folds"]),
+                    spread: mean_std_text(row["mean"], row["std"], row["n_folds"]),
                     "Folds": row["n_folds"],
-                    "Pooled": fmt(row["pooled"]),
+                    pooled: fmt(row["pooled"]),
                     f"{CI_LEVEL:.0%} CI (pooled)": ci_text(row["ci_low"], row["ci_high"]),
                 }
                 for row in rows
@@ -597,8 +613,13 @@ def summary_markdown(evaluation: Evaluation, rows: list[dict[str, Any]]) -> str:
         "absent from a fold's test set has no AUC or recall (n/a, see per_class.md).",
         "- Mean ± SD: over the folds where the metric is defined; SD is the sample standard "
         "deviation (ddof = 1).",
-        "- Pooled: the test predictions of all folds together, each slide scored by its own "
-        "fold's model.",
+        (
+            "- Ensemble: the mean of the fold models' probabilities per slide (the deployed "
+            "prediction); fold models: each fold's model alone on the same slides."
+            if external
+            else "- Pooled: the test predictions of all folds together, each slide scored by "
+            "its own fold's model."
+        ),
         f"- {CI_LEVEL:.0%} CI: percentile bootstrap of the pooled value, {params['bootstrap']} "
         f"resamples of the {evaluation.num_patients} patients with replacement (seed "
         f"{params['seed']}); resamples where a metric is undefined are left out.",

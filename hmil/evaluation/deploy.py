@@ -1,0 +1,421 @@
+"""Apply the fold models of one encoder × model to the slides of another sheet.
+
+The core of ``python -m hmil.predict``: every slide of the sheet whose features can be
+used gets each fold model's probabilities and their mean (the ensemble, the prediction
+to use), and the folds' attention averaged per patch. Features made another way than the
+training features (encoder, weights, dimension, patch size or mpp, as recorded in
+``model.pt`` by training and in each features file by extraction) stop the deployment with
+one line; a slide without usable features is listed in ``failed_slides.csv`` and the
+others go on (strict: it stops). A labelled sheet also gets the metrics, tables, plots
+and bootstrap CIs of cross-validation, computed on the ensemble.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from hmil import evaluate as cv
+from hmil.bags import (
+    BagError,
+    find_feature_file,
+    flagged_reason,
+    load_bag_features,
+    read_bag_shape,
+)
+from hmil.evaluation.ensemble import BagEnsemble, ensemble_bag
+from hmil.evaluation.fold_models import FoldModel, UnusableFold, load_fold_models
+from hmil.feature_record import read_feature_record, record_mismatch
+from hmil.hierarchy import Hierarchy, HierarchyError
+from preprocessing.atomic import atomic_outputs
+from preprocessing.errors import PipelineError
+from preprocessing.provenance import code_version
+from preprocessing.sheet import read_slide_sheet
+
+log = logging.getLogger("hmil.predict")
+
+SPLIT = "deploy"  #: the `split` value of every row of a deployment's predictions.csv
+
+
+class DeployError(PipelineError):
+    """Deployment cannot run as asked (wrong features, unknown label, nothing to predict)."""
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """Everything a deployment needs; built once from the command line."""
+
+    run_dirs: tuple[Path, ...]
+    sheet: Path
+    features_dir: Path
+    out: Path
+    cohort: str = "external"
+    bootstrap: int = 1000
+    seed: int = 0
+    strict: bool = False
+    device: str = "cpu"
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "cohort": self.cohort,
+            "sheet": str(self.sheet),
+            "features_dir": str(self.features_dir),
+            "run_dirs": [str(d) for d in self.run_dirs],
+            "bootstrap": self.bootstrap,
+            "seed": self.seed,
+            "strict": self.strict,
+        }
+
+
+@dataclass
+class Cohort:
+    """The sheet's slides with their feature files, and the ones that cannot be used."""
+
+    slides: pd.DataFrame  #: slide_id, patient_id, fine_label (None when unlabelled), path
+    failed: dict[str, str] = field(default_factory=dict)  #: slide_id → reason
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def read_cohort(config: DeployConfig, hierarchy: Hierarchy) -> pd.DataFrame:
+    """slide_id, patient_id and fine_label (None where the sheet gives none) of the sheet.
+
+    A label the hierarchy lacks is an error: a typo or another hierarchy would otherwise
+    give wrong external metrics; a sheet without labels gives predictions only.
+    """
+    sheet = read_slide_sheet(config.sheet, require_labels=False)
+    labels = sheet["label"] if "label" in sheet.columns else pd.Series(None, index=sheet.index)
+    patients = sheet["patient_id"] if "patient_id" in sheet.columns else sheet["slide_id"]
+    fine_labels: list[str | None] = []
+    for slide_id, label in labels.items():
+        if label is None or pd.isna(label) or not str(label).strip():
+            fine_labels.append(None)
+            continue
+        try:
+            fine_labels.append(hierarchy.fine[hierarchy.fine_index(label)])
+        except HierarchyError as error:
+            raise DeployError(
+                f"{config.sheet}: slide {slide_id!r}: {error}; the models predict the classes "
+                "of their training hierarchy (leave `label` empty to predict only)"
+            ) from None
+    return pd.DataFrame(
+        {
+            "slide_id": sheet["slide_id"].astype(str).to_list(),
+            "patient_id": patients.fillna(sheet["slide_id"]).astype(str).to_list(),
+            "fine_label": fine_labels,
+        }
+    )
+
+
+def locate_features(config: DeployConfig, slides: pd.DataFrame, models: list[FoldModel]) -> Cohort:
+    """The slides' feature files, checked against the models' training features.
+
+    A missing or flagged file fails that slide only; features made another way fail the
+    deployment (every slide would be wrong, so nothing is written).
+    """
+    trained = models[0].features
+    paths, failed = [], {}
+    for slide_id in slides["slide_id"]:
+        try:
+            path = find_feature_file(config.features_dir, slide_id)
+        except BagError:
+            failed[slide_id] = f"no feature file {config.features_dir / slide_id}.h5 (or .pt)"
+            paths.append(None)
+            continue
+        reason = flagged_reason(path)
+        if reason is not None:
+            failed[slide_id] = f"{path}: flagged features ({reason})"
+            paths.append(None)
+            continue
+        mismatch = record_mismatch(trained, read_feature_record(path))
+        if mismatch is not None:
+            raise DeployError(
+                f"{path}: {mismatch} ({models[0].run_dir / 'model.pt'}); patch and encode "
+                "the deployed cohort with the training cohort's settings"
+            )
+        _, dim = read_bag_shape(path, slide_id)
+        if dim != models[0].in_dim:
+            raise DeployError(
+                f"{path}: {dim}-d features but the models take {models[0].in_dim}-d ones "
+                "(features of another encoder?)"
+            )
+        paths.append(path)
+    if len(failed) == len(slides):
+        raise DeployError(
+            f"{config.features_dir}: holds usable features of none of the {len(slides)} "
+            f"slides of {config.sheet} (first: {next(iter(failed.values()))})"
+        )
+    if failed and config.strict:
+        slide_id, reason = next(iter(failed.items()))
+        raise DeployError(f"slide {slide_id!r}: {reason} (strict: every slide must be usable)")
+    slides = slides.assign(path=paths)
+    return Cohort(slides=slides[slides["path"].notna()].reset_index(drop=True), failed=failed)
+
+
+# ---- prediction ------------------------------------------------------------------------------
+
+
+def predict_cohort(
+    cohort: Cohort, models: list[FoldModel], device: torch.device, strict: bool
+) -> dict[str, BagEnsemble]:
+    """slide_id → ensemble outputs; a slide whose features cannot be read joins
+    ``cohort.failed`` (strict: an error)."""
+    membership = models[0].hierarchy.membership_tensor().to(device)
+    modules = [m.module for m in models]
+    results: dict[str, BagEnsemble] = {}
+    rows = cohort.slides.itertuples(index=False)
+    for row in tqdm(rows, total=len(cohort.slides), desc="deploy", unit="slide", disable=None):
+        try:
+            features = load_bag_features(row.path, row.slide_id)
+        except BagError as error:
+            if strict:
+                raise DeployError(str(error)) from None
+            log.warning("%s; slide left out", error)
+            cohort.failed[row.slide_id] = str(error)
+            continue
+        results[row.slide_id] = ensemble_bag(modules, features.to(device), membership)
+    return results
+
+
+# ---- tables ----------------------------------------------------------------------------------
+
+
+def probability_columns(prefix: str, names: tuple[str, ...], values: np.ndarray | None) -> dict:
+    if values is None:
+        return {f"{prefix}{name}": math.nan for name in names}
+    return {f"{prefix}{name}": float(values[i]) for i, name in enumerate(names)}
+
+
+def prediction_rows(
+    cohort: Cohort, results: dict[str, BagEnsemble], models: list[FoldModel]
+) -> pd.DataFrame:
+    """predictions.csv: per slide the ensemble (``p_*`` columns, ``pred_*`` classes), then
+    each fold's probabilities (``fold{k}_p_*``), in the columns of training's
+    predictions.csv so that tools reading those read these."""
+    hierarchy = models[0].hierarchy
+    fine, coarse = hierarchy.fine, hierarchy.coarse
+    rows = []
+    for slide in cohort.slides.itertuples(index=False):
+        if slide.slide_id not in results:
+            continue
+        result = results[slide.slide_id]
+        label = slide.fine_label
+        row: dict[str, Any] = {
+            "slide_id": slide.slide_id,
+            "patient_id": slide.patient_id,
+            "split": SPLIT,
+            "fine_label": label,
+            "coarse_label": hierarchy.coarse_of(label) if label is not None else None,
+        }
+        row |= probability_columns("p_fine_", fine, result.fine)
+        row |= probability_columns("p_coarse_", coarse, result.coarse)
+        row |= probability_columns("p_coarse_from_fine_", coarse, result.coarse_from_fine)
+        coarse_source = result.coarse if result.coarse is not None else result.coarse_from_fine
+        row["pred_fine"] = fine[int(result.fine.argmax())]
+        row["pred_coarse"] = coarse[int(coarse_source.argmax())]
+        row["pred_coarse_from_fine"] = coarse[int(result.coarse_from_fine.argmax())]
+        row["n_patches"] = int(result.fine_attention.shape[1])
+        for k, model in enumerate(models):
+            prefix = f"fold{model.fold}_"
+            row |= probability_columns(f"{prefix}p_fine_", fine, result.fold_fine[k])
+            fold_coarse = None if result.fold_coarse is None else result.fold_coarse[k]
+            row |= probability_columns(f"{prefix}p_coarse_", coarse, fold_coarse)
+            row |= probability_columns(
+                f"{prefix}p_coarse_from_fine_", coarse, result.fold_coarse_from_fine[k]
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fold_view(table: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """The labelled rows with the probability columns of one fold (``fold{k}_``) or of the
+    ensemble (``""``) under training's names, as hmil.evaluate reads them."""
+    labelled = table[table["fine_label"].notna()]
+    ids = labelled[list(cv.REQUIRED_COLUMNS)].reset_index(drop=True)
+    columns = [c for c in table.columns if c.startswith(f"{prefix}p_")]
+    values = labelled[columns].reset_index(drop=True)
+    values.columns = [c.removeprefix(prefix) for c in columns]
+    return pd.concat([ids, values], axis=1)
+
+
+def external_evaluation(
+    table: pd.DataFrame,
+    models: list[FoldModel],
+    unusable: list[UnusableFold],
+    identity: tuple[str, str],
+    params: dict[str, Any],
+) -> cv.Evaluation | None:
+    """Metrics of the labelled slides: each fold model alone (mean ± SD over models) and
+    the ensemble (the headline, with its patient bootstrap CI); None without labels."""
+    if table.empty or table["fine_label"].notna().sum() == 0:
+        return None
+    hierarchy = models[0].hierarchy
+    classes = cv.Classes(tuple(hierarchy.fine), tuple(hierarchy.coarse))
+    has_coarse = bool(table[[f"p_coarse_{c}" for c in hierarchy.coarse]].notna().all().all())
+
+    def as_fold(number: int, run_dir: Path, prefix: str) -> cv.Fold:
+        return cv.Fold(number, run_dir, fold_view(table, prefix), classes, has_coarse)
+
+    folds = [as_fold(m.fold, m.run_dir, f"fold{m.fold}_") for m in models]
+    missing = [
+        cv.MissingFold(cv.fold_number_from_path(u.run_dir), u.run_dir, u.reason) for u in unusable
+    ]
+    ensemble = as_fold(-1, models[0].run_dir.parent, "")
+    return cv.evaluate(folds, missing, identity, params, pooled=ensemble)
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureFiles:
+    """Slide ids and feature paths in the shape :func:`hmil.training.write_attention` reads."""
+
+    slide_ids: list[str]
+    paths: list[Path]
+
+
+def write_attention(path: Path, cohort: Cohort, results: dict[str, BagEnsemble], models) -> None:
+    """attention.h5 of the ensemble, in the layout of a fold's (hmil.heatmaps reads both)."""
+    from hmil.training import SlidePredictions
+    from hmil.training import write_attention as write_fold_attention
+
+    slide_ids = [s for s in cohort.slides["slide_id"] if s in results]
+    paths = dict(zip(cohort.slides["slide_id"], cohort.slides["path"], strict=True))
+    ensembles = [results[s] for s in slide_ids]
+    has_coarse = all(e.coarse_attention is not None for e in ensembles)
+    predictions = SlidePredictions(
+        slide_ids=slide_ids,
+        fine_labels=np.full(len(slide_ids), -1),
+        coarse_labels=np.full(len(slide_ids), -1),
+        fine_probs=np.stack([e.fine for e in ensembles]),
+        coarse_probs=None,
+        coarse_from_fine=np.stack([e.coarse_from_fine for e in ensembles]),
+        fine_attention=[e.fine_attention for e in ensembles],
+        coarse_attention=[e.coarse_attention for e in ensembles] if has_coarse else None,
+        loss={},
+    )
+    files = FeatureFiles(slide_ids, [Path(paths[s]) for s in slide_ids])
+    write_fold_attention(path, predictions, files, models[0].hierarchy, models[0].name)
+    with h5py.File(path, "a") as file:
+        file.attrs["ensemble_folds"] = [m.fold for m in models]
+        file.attrs["attention"] = "mean over the fold models, per patch"
+
+
+def deploy_summary(
+    config: DeployConfig,
+    models: list[FoldModel],
+    unusable: list[UnusableFold],
+    cohort: Cohort,
+    table: pd.DataFrame,
+    evaluation: cv.Evaluation | None,
+) -> dict[str, Any]:
+    """summary.json: what was deployed, on what, with which folds; and the metrics."""
+    identity = cv.run_identity([m.run_dir for m in models], None)
+    summary: dict[str, Any] = {}
+    if evaluation is not None:
+        rows = cv.summary_rows(evaluation)
+        summary = cv.summary_json(evaluation, rows, cv.per_class_table(evaluation))
+    labelled = int(table["fine_label"].notna().sum()) if not table.empty else 0
+    return cv.json_safe(
+        {
+            **summary,
+            "name": f"{config.cohort}: {'/'.join(identity)}",
+            "encoder": identity[0],
+            "kind": "external",
+            "cohort": config.cohort,
+            "model": identity[1],
+            "folds_used": [m.fold for m in models],
+            "missing_folds": [missing_record(u) for u in unusable],
+            "n_slides": len(table),
+            "n_labelled": labelled,
+            "failed_slides": cohort.failed,
+            "features": models[0].features,
+            "training_code_versions": sorted({m.code_version for m in models if m.code_version}),
+            "code_version": code_version(),
+            "params": config.params(),
+        }
+    )
+
+
+def missing_record(fold: UnusableFold) -> dict[str, Any]:
+    number = cv.fold_number_from_path(fold.run_dir)
+    return {"fold": number, "run_dir": str(fold.run_dir), "reason": fold.reason}
+
+
+def write_deployment(
+    config: DeployConfig,
+    models: list[FoldModel],
+    unusable: list[UnusableFold],
+    cohort: Cohort,
+    results: dict[str, BagEnsemble],
+    evaluation: cv.Evaluation | None,
+) -> pd.DataFrame:
+    """predictions.csv, attention.h5, failed_slides.csv, summary.json/.md, renamed into
+    ``out`` together; with labels, hmil.evaluate's tables and plots beside them."""
+    table = prediction_rows(cohort, results, models)
+    summary = deploy_summary(config, models, unusable, cohort, table, evaluation)
+    failed = pd.DataFrame(
+        {"slide_id": list(cohort.failed), "reason": list(cohort.failed.values())},
+        columns=["slide_id", "reason"],
+    )
+    out = config.out
+    if evaluation is not None:
+        # the metric tables and plots first: summary.json (the rule's output) lands last
+        cv.write_outputs(evaluation, out)
+    names = ("predictions.csv", "attention.h5", "failed_slides.csv", "summary.md", "summary.json")
+    with atomic_outputs(*(out / n for n in names)) as temps:
+        predictions_tmp, attention_tmp, failed_tmp, markdown_tmp, summary_tmp = temps
+        table.to_csv(predictions_tmp, index=False)
+        write_attention(attention_tmp, cohort, results, models)
+        failed.to_csv(failed_tmp, index=False)
+        markdown_tmp.write_text(deploy_markdown(summary, evaluation))
+        summary_tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    return table
+
+
+def deploy_markdown(summary: dict[str, Any], evaluation: cv.Evaluation | None) -> str:
+    """summary.md: the cross-validation summary's tables for the ensemble, or, without
+    labels, what was predicted."""
+    if evaluation is not None:
+        text = cv.summary_markdown(evaluation, cv.summary_rows(evaluation))
+    else:
+        text = (
+            f"# Deployment: {summary['name']}\n\n"
+            f"{summary['n_slides']} slides predicted by the ensemble of folds "
+            f"{', '.join(map(str, summary['folds_used']))}; the sheet has no labels, so no "
+            "metrics (predictions.csv holds the probabilities).\n"
+        )
+    if summary["failed_slides"]:
+        listed = "; ".join(f"{s}: {r}" for s, r in list(summary["failed_slides"].items())[:10])
+        text += f"\n**Slides not predicted ({len(summary['failed_slides'])}):** {listed}\n"
+    return text
+
+
+# ---- the whole deployment --------------------------------------------------------------------
+
+
+def deploy(config: DeployConfig) -> tuple[pd.DataFrame, dict[str, str], cv.Evaluation | None]:
+    """Run a deployment; returns the predictions table, the failed slides and the metrics."""
+    device = torch.device(config.device)
+    models, unusable = load_fold_models(list(config.run_dirs), device, config.strict)
+    slides = read_cohort(config, models[0].hierarchy)
+    cohort = locate_features(config, slides, models)
+    results = predict_cohort(cohort, models, device, config.strict)
+    table = prediction_rows(cohort, results, models)
+    identity = cv.run_identity([m.run_dir for m in models], None)
+    params = {"bootstrap": config.bootstrap, "seed": config.seed, "strict": config.strict}
+    evaluation = external_evaluation(table, models, unusable, identity, params)
+    table = write_deployment(config, models, unusable, cohort, results, evaluation)
+    return table, cohort.failed, evaluation
