@@ -2,7 +2,7 @@
 
     python -m hmil.heatmaps ATTENTION.h5 --slides SHEET.csv --patches DIR --out DIR
         [--slides-only ID ...] [--thumbnail-size 1024] [--top-k 16]
-        [--predictions predictions.csv]
+        [--predictions predictions.csv] [--geojson]
 
 For every slide group of attention.h5 (the test slides of a fold, see
 :func:`hmil.training.write_attention`) it writes ``<out>/<slide_id>.png`` (one panel per
@@ -11,6 +11,15 @@ branch: coarse, then fine; a single panel for single-branch models) and
 from the slide at full patch resolution, with their raw attention). The montage is a
 JPEG because it is tissue photographs: a quarter of the PNG's size, which is what keeps
 the report of a large cohort small.
+
+``--geojson`` also writes ``<out>/<slide_id>.geojson`` for QuPath (see :mod:`hmil.qupath`):
+one tile per patch, its level-0 square, with every attention row (``attention fine:
+<class>``, ``attention coarse: <class>``) and the within-slide rank of each shown row
+(``attention rank: fine``/``coarse``) as measurements, for *Measure › Show measurement
+maps*. It needs the patch coordinates in attention.h5 (they come from the features file
+the model read); features imported without coordinates give no GeoJSON, with a note in
+the log, because the patches file's grid is not known to be the bag's order. A slide that
+gets a card gets no GeoJSON.
 
 Class-wise attention has one row per class: the panel shows the predicted class's row
 (``--predictions``), else the row with the largest maximum, and says which.
@@ -49,6 +58,7 @@ from matplotlib.image import imsave
 from scipy.stats import rankdata
 from tqdm import tqdm
 
+from hmil.qupath import attention_measurements, tiles_feature_collection
 from preprocessing.atomic import atomic_outputs
 from preprocessing.cli import run_cli, setup_logging
 from preprocessing.errors import PipelineError, SlideError
@@ -62,7 +72,7 @@ log = logging.getLogger("hmil.heatmaps")
 COLORMAP = "jet"
 OVERLAY_ALPHA = 0.45  #: opacity of the colour over the tissue
 DPI = 100
-HEATMAP_SUFFIX, MONTAGE_SUFFIX = ".png", "_top.jpg"
+HEATMAP_SUFFIX, MONTAGE_SUFFIX, GEOJSON_SUFFIX = ".png", "_top.jpg", ".geojson"
 JPEG_QUALITY = 90
 #: Heatmap figure layout in pixels: every panel shows the thumbnail one-to-one.
 PAD, TITLE_BAND, PANEL_TITLE_BAND, COLORBAR_BAND = 16, 56, 28, 76
@@ -430,8 +440,15 @@ def output_paths(out: Path, slide_id: str) -> tuple[Path, Path]:
     return out / f"{slide_id}{HEATMAP_SUFFIX}", out / f"{slide_id}{MONTAGE_SUFFIX}"
 
 
+def geojson_path(out: Path, slide_id: str) -> Path:
+    """The QuPath objects of one slide (``--geojson``)."""
+    return out / f"{slide_id}{GEOJSON_SUFFIX}"
+
+
 def write_card(out: Path, slide_id: str, reason: str, metadata: dict[str, str]) -> None:
-    """A card in place of both images of a slide that cannot be drawn (outputs stay complete)."""
+    """A card in place of both images of a slide that cannot be drawn (outputs stay complete).
+    A GeoJSON of an earlier run in the same folder goes: it would outlive what it showed."""
+    geojson_path(out, slide_id).unlink(missing_ok=True)
     card = render_failure(slide_id, reason)
     with atomic_outputs(*output_paths(out, slide_id)) as (heatmap_tmp, montage_tmp):
         imsave(heatmap_tmp, card, format="png", metadata=metadata)
@@ -445,6 +462,39 @@ def write_card(out: Path, slide_id: str, reason: str, metadata: dict[str, str]) 
 class HeatmapParams:
     thumbnail_size: int = 1024
     top_k: int = 16
+    geojson: bool = False  #: also write <slide_id>.geojson for QuPath
+
+
+class NoCoordinates(Exception):
+    """The slide's attention has no patch coordinates: no GeoJSON (the message says why)."""
+
+
+def slide_geojson(
+    attention: SlideAttention,
+    geometry: PatchGeometry,
+    classes: dict[str, list[str]],
+    ranked: dict[str, np.ndarray],
+) -> dict:
+    """QuPath FeatureCollection of the slide's patches with their attention as measurements.
+
+    ranked: branch ("fine", "coarse") → within-slide rank of the row the heatmap shows.
+    NoCoordinates when attention.h5 holds no coords for the slide; SlideSkipped when the
+    attention cannot be written (non-finite values).
+    """
+    if attention.coords is None:
+        raise NoCoordinates(
+            "attention.h5 has no patch coordinates for it (features without coords, e.g. "
+            "bare .pt files): no GeoJSON"
+        )
+    branches = [("fine", attention.fine, classes["fine"])]
+    if attention.coarse is not None:
+        branches.insert(0, ("coarse", attention.coarse, classes["coarse"]))
+    try:
+        return tiles_feature_collection(
+            attention.coords, geometry.patch_size_level0, attention_measurements(branches, ranked)
+        )
+    except ValueError as error:
+        raise SlideSkipped(f"cannot write its GeoJSON: {error}") from None
 
 
 def draw_slide(
@@ -456,9 +506,11 @@ def draw_slide(
     params: HeatmapParams,
     out: Path,
     metadata: dict[str, str],
-) -> None:
-    """Write ``<slide_id>.png`` and ``<slide_id>_top.jpg``; SlideSkipped/SlideError if the
-    inputs of this slide do not fit together."""
+) -> str | None:
+    """Write ``<slide_id>.png``, ``<slide_id>_top.jpg`` and, with ``params.geojson``,
+    ``<slide_id>.geojson``, all in one atomic write; SlideSkipped/SlideError if the inputs
+    of this slide do not fit together. Returns why no GeoJSON was written, if it was asked
+    for and could not be (no coordinates), else None."""
     coords = attention.coords if attention.coords is not None else geometry.coords
     n = len(coords)
     if n == 0:
@@ -475,6 +527,18 @@ def draw_slide(
     fine_values = attention.fine[row]
     branch = "fine branch" if attention.coarse is not None else "attention"
     rows_to_show.append((branch, fine_values, how))
+    ranks = [rank_normalise(values) for _, values, _ in rows_to_show]
+
+    geojson, no_geojson = None, None
+    if params.geojson:
+        ranked = {"fine": ranks[-1]}
+        if attention.coarse is not None:
+            ranked = {"coarse": ranks[0], **ranked}
+        try:
+            geojson = slide_geojson(attention, geometry, classes, ranked)
+        except NoCoordinates as reason:
+            no_geojson = str(reason)
+            geojson_path(out, attention.slide_id).unlink(missing_ok=True)
 
     slide = open_slide(slide_path)
     try:
@@ -489,11 +553,9 @@ def draw_slide(
         panels = [
             (
                 f"{branch}: {how}",
-                attention_to_heatmap(
-                    coords, rank_normalise(values), geometry.patch_size_level0, level0_size, thumb
-                ),
+                attention_to_heatmap(coords, rank, geometry.patch_size_level0, level0_size, thumb),
             )
-            for branch, values, how in rows_to_show
+            for (branch, _, how), rank in zip(rows_to_show, ranks, strict=True)
         ]
         count = min(params.top_k, n)
         top = np.argsort(-fine_values, kind="stable")[:count]
@@ -504,7 +566,13 @@ def draw_slide(
 
     captions = [f"#{i + 1}  a = {fine_values[j]:.3g}" for i, j in enumerate(top)]
     title = _title(attention.slide_id, labels)
-    with atomic_outputs(*output_paths(out, attention.slide_id)) as (heatmap_tmp, top_tmp):
+    outputs = [*output_paths(out, attention.slide_id), None]
+    if geojson is not None:
+        outputs[2] = geojson_path(out, attention.slide_id)
+    with atomic_outputs(*outputs) as (heatmap_tmp, top_tmp, geojson_tmp):
+        if geojson_tmp is not None:
+            # Compact: a cohort slide has tens of thousands of tiles.
+            geojson_tmp.write_text(json.dumps(geojson, separators=(",", ":")) + "\n")
         render_heatmap(heatmap_tmp, thumbnail, panels, title, metadata)
         render_montage(
             top_tmp,
@@ -514,6 +582,7 @@ def draw_slide(
             tile,
             metadata,
         )
+    return no_geojson
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -539,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thumbnail-size", type=_positive_int, default=1024, help="px")
     parser.add_argument("--top-k", type=_positive_int, default=16)
     parser.add_argument("--predictions", type=Path, help="predictions.csv of the same run")
+    parser.add_argument(
+        "--geojson",
+        action="store_true",
+        help="also write <slide_id>.geojson: patch tiles with attention measurements (QuPath)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -546,7 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    params = HeatmapParams(thumbnail_size=args.thumbnail_size, top_k=args.top_k)
+    params = HeatmapParams(
+        thumbnail_size=args.thumbnail_size, top_k=args.top_k, geojson=args.geojson
+    )
     file = open_attention(args.attention)
     with file:
         sheet = read_slide_sheet(args.slides, require_labels=False)
@@ -576,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         args.out.mkdir(parents=True, exist_ok=True)
-        drawn, carded = 0, []
+        drawn, carded, without_geojson = 0, [], []
         for slide_id in tqdm(slide_ids, desc="heatmaps", unit="slide", disable=None):
             try:
                 if slide_id not in sheet.index:
@@ -586,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                 labels = predictions.get(slide_id) or SlideLabels(
                     true_fine=None if pd.isna(sheet_label) else str(sheet_label)
                 )
-                draw_slide(
+                no_geojson = draw_slide(
                     read_slide_attention(file, slide_id),
                     row["path"],
                     read_patch_geometry(args.patches / f"{slide_id}.h5"),
@@ -597,13 +673,26 @@ def main(argv: list[str] | None = None) -> int:
                     metadata,
                 )
                 drawn += 1
+                if no_geojson:
+                    log.info("%s: %s", slide_id, no_geojson)
+                    without_geojson.append(slide_id)
             except (SlideSkipped, SlideError) as reason:
                 log.warning("%s: %s; writing a card instead", slide_id, reason)
                 write_card(args.out, slide_id, str(reason), metadata)
                 carded.append(slide_id)
     line = f"{args.out}: heatmaps of {drawn} slide(s)"
+    if args.geojson:
+        line += f", QuPath GeoJSON of {drawn - len(without_geojson)}"
     if carded:
         line += f"; {len(carded)} could not be drawn (cards): {', '.join(carded[:5])}"
+    if without_geojson:
+        reason = "no patch coordinates in the attention file (features imported without coords)"
+        log.warning(
+            "no GeoJSON for %d slide(s), %s: %s",
+            len(without_geojson),
+            reason,
+            ", ".join(without_geojson[:5]),
+        )
     print(line)
     return 0
 

@@ -3,6 +3,8 @@ PNGs, cards for slides it cannot draw, and one error line for a missing attentio
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -36,9 +38,12 @@ FINE, COARSE = ["a1", "a2", "b1", "b2"], ["A", "B"]
 HOT_FINE_ROW = 2  # b1
 
 
-def write_attention_file(path: Path, slides: dict[str, np.ndarray], hot: int) -> None:
+def write_attention_file(
+    path: Path, slides: dict[str, np.ndarray], hot: int, with_coords: bool = True
+) -> None:
     """attention.h5 in the layout of hmil.training.write_attention: class-wise fine and
-    coarse rows (each summing to 1); patch ``hot`` dominates fine row b1 only."""
+    coarse rows (each summing to 1); patch ``hot`` dominates fine row b1 only. Without
+    coords, as training writes it for features that have none (bare .pt)."""
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as file:
         file.attrs["fine_classes"] = FINE
@@ -51,7 +56,8 @@ def write_attention_file(path: Path, slides: dict[str, np.ndarray], hot: int) ->
             fine[HOT_FINE_ROW, hot] = 10.0 * n
             coarse = rng.random((len(COARSE), n))
             group = file.create_group(slide_id)
-            group.create_dataset("coords", data=coords)
+            if with_coords:
+                group.create_dataset("coords", data=coords)
             group.create_dataset("fine_attention", data=fine / fine.sum(1, keepdims=True))
             group.create_dataset("coarse_attention", data=coarse / coarse.sum(1, keepdims=True))
 
@@ -291,3 +297,96 @@ def test_missing_attention_file_is_one_error_line(run_inputs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"error: {missing}: attention file not found"
     assert not (tmp_path / "out").exists()
+
+
+def heatmaps_cli(attention: Path, run_inputs, out: Path, *extra: str) -> int:
+    folder = run_inputs["folder"]
+    return main(
+        [
+            str(attention),
+            "--slides",
+            str(folder / "slides.csv"),
+            "--patches",
+            str(run_inputs["patches"]),
+            "--out",
+            str(out),
+            "--thumbnail-size",
+            "200",
+            "--top-k",
+            "2",
+            *extra,
+        ]
+    )
+
+
+def test_geojson_follows_qupath_conventions_with_one_measurement_per_attention_row(
+    run_inputs, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    assert heatmaps_cli(run_inputs["folder"] / "attention.h5", run_inputs, out, "--geojson") == 0
+    assert "QuPath GeoJSON of 1" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "slide_a.geojson",
+        "slide_a.png",
+        "slide_a_top.jpg",
+    ]
+    collection = json.loads((out / "slide_a.geojson").read_text())
+    with h5py.File(run_inputs["patches"] / "slide_a.h5", "r") as file:
+        side = float(file.attrs.get("patch_size_level0_exact", file.attrs["patch_size_level0"]))
+        width, height = int(file.attrs["level0_width"]), int(file.attrs["level0_height"])
+    with h5py.File(run_inputs["folder"] / "attention.h5", "r") as file:
+        fine = file["slide_a/fine_attention"][()]
+        coarse = file["slide_a/coarse_attention"][()]
+    coords, hot = run_inputs["coords"], run_inputs["hot"]
+    assert side == pytest.approx(128)
+
+    # QuPath (PathObjectTypeAdapters): a FeatureCollection of Features, Polygon geometry in
+    # full-resolution pixels, objectType "tile", measurements a flat name -> number map.
+    assert set(collection) == {"type", "features"}
+    assert collection["type"] == "FeatureCollection"
+    features = collection["features"]
+    assert len(features) == len(coords)
+    names = [f"attention coarse: {c}" for c in COARSE] + [f"attention fine: {c}" for c in FINE]
+    names += ["attention rank: coarse", "attention rank: fine"]
+    rings = []
+    for index, feature in enumerate(features):
+        assert feature["type"] == "Feature"
+        assert feature["geometry"]["type"] == "Polygon"
+        (ring,) = feature["geometry"]["coordinates"]  # one exterior ring, no holes
+        assert len(ring) == 5 and ring[0] == ring[-1]
+        rings.append(ring)
+        properties = feature["properties"]
+        assert properties["objectType"] == "tile"
+        measurements = properties["measurements"]
+        assert list(measurements) == names
+        assert all(type(v) is float and np.isfinite(v) for v in measurements.values())
+        for row, name in enumerate(names[:2]):
+            assert measurements[name] == coarse[row, index]
+        for row, name in enumerate(names[2:6]):
+            assert measurements[name] == fine[row, index]
+    rings = np.array(rings)
+    x, y = coords[:, 0:1].astype(float), coords[:, 1:2].astype(float)
+    np.testing.assert_allclose(rings[:, :, 0], np.hstack([x, x + side, x + side, x, x]))
+    np.testing.assert_allclose(rings[:, :, 1], np.hstack([y, y, y + side, y + side, y]))
+    assert rings[..., 0].min() >= 0 and rings[..., 0].max() <= width
+    assert rings[..., 1].min() >= 0 and rings[..., 1].max() <= height
+    # The shown fine row is b1 (largest attention, no predictions given): its hot patch ranks 1.
+    ranks = np.array([f["properties"]["measurements"]["attention rank: fine"] for f in features])
+    assert ranks[hot] == 1.0 and (ranks < 1.0).sum() == len(ranks) - 1
+    assert ranks.min() == 0.0
+
+
+def test_no_geojson_without_coordinates_in_the_attention_file(run_inputs, tmp_path, caplog):
+    attention = tmp_path / "attention.h5"
+    write_attention_file(
+        attention, {"slide_a": run_inputs["coords"]}, run_inputs["hot"], with_coords=False
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "slide_a.geojson").write_text("{}")  # from an earlier run: must not survive
+    with caplog.at_level(logging.INFO, logger="hmil.heatmaps"):
+        assert heatmaps_cli(attention, run_inputs, out, "--geojson") == 0
+    # The PNG still comes (from the patches file's grid); the QuPath objects do not.
+    assert sorted(p.name for p in out.iterdir()) == ["slide_a.png", "slide_a_top.jpg"]
+    assert "slide_a: attention.h5 has no patch coordinates" in caplog.text
+    assert "no GeoJSON for 1 slide(s)" in caplog.text
