@@ -67,7 +67,8 @@ rule heatmaps:
     shell:
         "python -m hmil.heatmaps {input.attention:q} --slides {input.sheet:q}"
         " --patches {params.patches:q} --predictions {input.predictions:q}"
-        " --top-k {params.top_k} --thumbnail-size {params.size} --out {output:q} > {log:q} 2>&1"
+        " --top-k {params.top_k} --thumbnail-size {params.size} --geojson"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule compare:
