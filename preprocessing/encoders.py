@@ -7,7 +7,11 @@ any timm model's pooled features, with its own normalisation and `num_features`.
 
 Weights (`build_encoder(name, weights)`): a checkpoint file (`.pth`/`.pt`/`.bin`/
 `.safetensors`), `"random"` (tests and demos only), or None for the entry's default download.
-Every output records where its weights came from (`weights_record`).
+Every output records where its weights came from (`weights_record`). Random weights are drawn
+from a fixed seed (`RANDOM_WEIGHTS_SEED`), so two runs give identical features.
+
+The pathology foundation models (UNI2-h, Virchow2, H-optimus, Prov-GigaPath, Phikon-v2, ...)
+are registered in `preprocessing.encoder_zoo`, each with the source of its numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ log = logging.getLogger("hmil.encoders")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_WEIGHTS = "random"
+#: Seed of `--weights random`: recorded in every features file (`weights_seed`).
+RANDOM_WEIGHTS_SEED = 0
 TIMM_PREFIX = "timm:"
 #: Keys a checkpoint may nest its state dict under (Lightning, DINO, our own trainers).
 _NESTING_KEYS = ("state_dict", "model", "teacher", "student")
@@ -47,7 +53,8 @@ class EncoderSpec:
     """What a patch encoder expects and gives; the input contract of `preprocessing.extract`."""
 
     name: str
-    architecture: str  #: timm model name
+    architecture: str  #: timm model name (or the class name `create` builds)
+    #: Architecture arguments: timm `create_model` kwargs, or the config of `create`.
     timm_kwargs: Mapping = field(default_factory=dict, hash=False)
     input_size: int = 224  #: square input, px
     mpp: float = 0.5  #: µm/px the encoder was trained at
@@ -61,6 +68,11 @@ class EncoderSpec:
     adapt: Callable[[nn.Module], nn.Module] | None = field(default=None, compare=False)
     #: Builds a weight-free encoder (no timm model, no checkpoint); None for timm encoders.
     builder: Callable[[], nn.Module] | None = field(default=None, compare=False)
+    #: Builds a non-timm encoder with its weights, `create(spec, weights)` with weights None
+    #: (download), `"random"` or a checkpoint Path (e.g. a `transformers` model); None for timm.
+    create: Callable[[EncoderSpec, str | Path | None], nn.Module] | None = field(
+        default=None, compare=False
+    )
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
@@ -197,13 +209,16 @@ def _checkpoint_path(weights: str | Path) -> Path:
 
 
 def build_encoder(
-    name: str, weights: str | Path | None = None
+    name: str | EncoderSpec, weights: str | Path | None = None
 ) -> tuple[nn.Module, EncoderSpec, str]:
     """Build encoder `name` in eval mode with its weights: (model, spec, weights record).
 
     The model maps normalised float images (B, 3, S, S) to features (B, spec.feature_dim).
+    An `EncoderSpec` instead of a name builds a variant that is not registered (the tests
+    build billion-parameter entries one block deep).
     """
-    spec = get_encoder_spec(name)
+    spec = name if isinstance(name, EncoderSpec) else get_encoder_spec(name)
+    name = spec.name
     if spec.builder is not None:
         if weights is not None and str(weights) != RANDOM_WEIGHTS:
             raise EncoderError(f"encoder {name} has no weights; do not give --weights {weights}")
@@ -212,10 +227,22 @@ def build_encoder(
     if weights is None:
         model = _download_pretrained(spec)
     elif record == RANDOM_WEIGHTS:
-        model = _create(spec, spec.architecture, pretrained=False)
+        # A fixed seed on a forked generator: the same weights in every run, and the caller's
+        # random stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            if spec.create is not None:
+                model = spec.create(spec, RANDOM_WEIGHTS)
+            else:
+                model = _create(spec, spec.architecture, pretrained=False)
         log.warning(
-            "encoder %s has RANDOM weights: its features are meaningless (tests/demo only)", name
+            "encoder %s has RANDOM weights (seed %d): its features are meaningless "
+            "(tests/demo only)",
+            name,
+            RANDOM_WEIGHTS_SEED,
         )
+    elif spec.create is not None:
+        model = spec.create(spec, _checkpoint_path(weights))
     else:
         model = _create_from_checkpoint(spec, Path(weights))
     model.eval().requires_grad_(False)
@@ -235,7 +262,11 @@ def _create(spec: EncoderSpec, source: str, pretrained: bool) -> nn.Module:
 def _download_pretrained(spec: EncoderSpec) -> nn.Module:
     source = _default_source(spec)
     try:  # timm takes both `<model>.<tag>` and `hf-hub:<repo>`
+        if spec.create is not None:
+            return spec.create(spec, None)
         return _create(spec, spec.pretrained, pretrained=True)
+    except EncoderError:
+        raise  # a missing optional package says so itself
     except Exception as err:  # offline, gated repo, proxy, cache: each library raises its own
         reason = _first_sentence(err)
         raise EncoderError(
@@ -305,7 +336,21 @@ def load_checkpoint(model: nn.Module, path: Path, spec: EncoderSpec, assign: boo
     """
     state = read_state_dict(path)
     state = {k: v for k, v in state.items() if not k.startswith(spec.ignored_prefixes)}
-    expected = model.state_dict()
+    # A pooling wrapper holds the published model under a prefix; compare in published names.
+    prefix = model.inner_prefix if isinstance(model, PublishedLayout) else ""
+    expected = {k.removeprefix(prefix): v for k, v in model.state_dict().items()}
+    check_fits(expected, state, spec, path)
+    state = {f"{prefix}{k}": v.to(expected[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def check_fits(
+    expected: Mapping[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    spec: EncoderSpec,
+    path: Path,
+) -> None:
+    """Raise one line saying how the checkpoint's tensors `state` differ from `expected`."""
     # Old BatchNorm checkpoints lack this counter; it plays no part in inference.
     for key in expected:
         if key.endswith("num_batches_tracked") and key not in state:
@@ -327,5 +372,17 @@ def load_checkpoint(model: nn.Module, path: Path, spec: EncoderSpec, assign: boo
         raise EncoderError(
             f"{path}: checkpoint does not fit encoder {spec.name} ({', '.join(parts)})"
         )
-    state = {k: v.to(expected[k].dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=assign)
+
+
+class PublishedLayout(nn.Module):
+    """A wrapper that adds pooling around a published model kept under `inner_prefix`.
+
+    Checkpoints hold the published model's key names; `load_checkpoint` puts them under the
+    prefix, so a wrapper never needs its own checkpoint format.
+    """
+
+    inner_prefix = "model."
+
+
+# The foundation-model entries register themselves; imported last, as they use the names above.
+from preprocessing import encoder_zoo  # noqa: E402, F401
