@@ -17,6 +17,10 @@ os.environ.update(
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from preprocessing.errors import SheetError  # noqa: E402
+from preprocessing.import_features import (  # noqa: E402
+    FeatureImportError,
+    locate_cohort,
+)
 from preprocessing.sheet import read_slide_sheet  # noqa: E402
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -29,6 +33,15 @@ validate(SLIDES, workflow.source_path("../schemas/slides.schema.yaml"))
 
 OUTDIR = config["outdir"].rstrip("/")
 SLIDE_IDS = list(SLIDES.index)
+# Cohorts the trained models are deployed to: name -> sheet file, and name -> sheet.
+DEPLOY_SHEETS = {cohort["name"]: cohort["slides"] for cohort in config["deploy"]}
+DEPLOY = {}
+for _cohort, _sheet in DEPLOY_SHEETS.items():
+    try:
+        DEPLOY[_cohort] = read_slide_sheet(_sheet, require_labels=False)
+    except SheetError as err:
+        raise WorkflowError(f"deploy cohort {_cohort!r}: slide sheet: {err}") from None
+DEPLOY_SLIDE_IDS = sorted({s for sheet in DEPLOY.values() for s in sheet.index})
 PREPROCESS = config["preprocessing"]
 FEATURES = config["features"]
 SPLITS = config["splits"]
@@ -36,6 +49,10 @@ TRAINING = config["training"]
 EVALUATION = config["evaluation"]
 ENCODERS = config["encoders"]
 CLUSTER = config["cluster"]
+# Encoders whose features were made elsewhere (features.dirs) are imported, not extracted.
+IMPORTED = FEATURES["dirs"]
+IMPORTED_ENCODERS = [e for e in ENCODERS if e in IMPORTED]
+EXTRACTED_ENCODERS = [e for e in ENCODERS if e not in IMPORTED]
 FOLDS = list(range(SPLITS["folds"]))
 # The hierarchy is a YAML file (then a Snakemake input) or a preset name.
 HIERARCHY = config["hierarchy"]
@@ -66,11 +83,51 @@ def scaled(value):
 
 
 def alternatives(values):
-    return "|".join(map(re.escape, map(str, values)))
+    """A wildcard regex matching exactly `values`; none matches nothing (not the empty name)."""
+    return "|".join(map(re.escape, map(str, values))) or "(?!)"
+
+
+EXTRACTABLE = re.compile(r"^(resnet50_trunc|uni|stain_texture|timm:[A-Za-z0-9_.-]+)$")
+for _encoder in EXTRACTED_ENCODERS:
+    if not EXTRACTABLE.match(_encoder):
+        raise WorkflowError(
+            f"encoder {_encoder!r} cannot be extracted here (resnet50_trunc, uni, "
+            "stain_texture, timm:<model>); give its features with features.dirs"
+        )
+for _encoder in IMPORTED:
+    if _encoder not in ENCODERS:
+        raise WorkflowError(
+            f"features.dirs names {_encoder!r}, which is not in encoders"
+        )
+
+
+def imported_sources(encoder):
+    """{slide: its features file made elsewhere, or None}; one error line for a wrong folder."""
+    try:
+        return locate_cohort(IMPORTED[encoder], encoder, SLIDE_IDS)
+    except FeatureImportError as err:
+        raise WorkflowError(f"features.dirs.{encoder}: {err}") from None
+
+
+IMPORTED_SOURCES = {encoder: imported_sources(encoder) for encoder in IMPORTED_ENCODERS}
+# Heatmaps need patch coordinates: a source of bare tensors has none.
+HEATMAP_ENCODERS = [
+    e
+    for e in ENCODERS
+    if e not in IMPORTED_SOURCES
+    or any(s is not None and s.is_h5 for s in IMPORTED_SOURCES[e].values())
+]
+for _encoder in sorted(set(ENCODERS) - set(HEATMAP_ENCODERS)):
+    print(
+        f"note: the {_encoder} features in {IMPORTED[_encoder]} have no patch coordinates "
+        "(.pt tensors): no attention heatmaps for them",
+        file=sys.stderr,
+    )
 
 
 wildcard_constraints:
-    slide=alternatives(SLIDE_IDS),
+    slide=alternatives(sorted(set(SLIDE_IDS) | set(DEPLOY_SLIDE_IDS))),
+    cohort=alternatives(DEPLOY),
     encoder=alternatives(ENCODERS),
     model=alternatives(MODELS),
     fold=alternatives(FOLDS),
@@ -82,12 +139,21 @@ def slide_file(wildcards):
     A missing file then reaches the patching step, which records it as a failed slide,
     instead of stopping the whole cohort at DAG construction.
     """
-    path = SLIDES.loc[wildcards.slide, "path"]
+    path = slide_path(wildcards)
     return path if os.path.exists(path) else []
 
 
+def sheet_of(wildcards):
+    """The sheet a job's slide comes from: a deployed cohort's, or the training cohort's."""
+    return DEPLOY[wildcards.cohort] if "cohort" in wildcards.keys() else SLIDES
+
+
+def slide_path(wildcards):
+    return sheet_of(wildcards).loc[wildcards.slide, "path"]
+
+
 def patch_arguments(wildcards):
-    row = SLIDES.loc[wildcards.slide]
+    row = sheet_of(wildcards).loc[wildcards.slide]
     args = [
         f"--target-mpp {PREPROCESS['target_mpp']}",
         f"--patch-size {PREPROCESS['patch_size']}",
@@ -140,14 +206,22 @@ def teacher_checkpoint(wildcards):
     )
 
 
+# Training settings passed as hmil.train flags when set; one left out takes the protocol's
+# value (benchmarks/learning_check.py reads the config the same way).
+PROTOCOL_FLAGS = (
+    "epochs", "batch_bags", "lr", "optimizer", "weight_decay", "scheduler", "warmup_epochs",
+    "lr_floor", "patience", "min_epochs", "dropout", "instance_dropout",
+)  # fmt: skip
+
+
 def training_arguments(wildcards, input):
-    args = [
-        f"--epochs {TRAINING['epochs']}",
-        f"--batch-bags {TRAINING['batch_bags']}",
-        f"--lr {TRAINING['lr']}",
-        f"--optimizer {TRAINING['optimizer']}",
-        f"--scheduler {TRAINING['scheduler']}",
-        f"--patience {TRAINING['patience']}",
+    args = [f"--protocol {TRAINING['protocol']}"]
+    args += [
+        f"--{key.replace('_', '-')} {TRAINING[key]}"
+        for key in PROTOCOL_FLAGS
+        if TRAINING.get(key) is not None
+    ]
+    args += [
         f"--seed {TRAINING['seed']}",
         f"--device {TRAINING['device']}",
         "--restart-if-changed",
@@ -161,21 +235,44 @@ def training_arguments(wildcards, input):
     return " ".join(args)
 
 
+def import_inputs(wildcards):
+    """The source files of an imported encoder, so that a changed source is imported again."""
+    sources = IMPORTED_SOURCES[wildcards.encoder].values()
+    return [str(source.path) for source in sources if source is not None]
+
+
+def heatmap_geometry(wildcards):
+    """Where the heatmaps find each slide's patch squares: the patches files, or for imported
+    features the thin features files, which carry the coordinates and geometry recorded
+    by the tool that made them."""
+    if wildcards.encoder in IMPORTED:
+        folder = f"{OUTDIR}/features/{wildcards.encoder}"
+    else:
+        folder = f"{OUTDIR}/patches"
+    return expand(f"{folder}/{{slide}}.h5", slide=SLIDE_IDS)
+
+
 def run_dirs(encoder, model):
     return [f"{OUTDIR}/models/{encoder}/{model}/fold{fold}" for fold in FOLDS]
 
 
 def all_outputs():
-    return [
+    # A cohort whose every encoder is imported is never patched.
+    patched = [
         f"{OUTDIR}/preprocessing/slides.csv",
         expand(f"{OUTDIR}/qc/{{slide}}.png", slide=SLIDE_IDS),
+    ]
+    return [
+        *(patched if EXTRACTED_ENCODERS else []),
         f"{OUTDIR}/eval/comparison.csv",
         expand(
             f"{OUTDIR}/eval/{{encoder}}/{{model}}/heatmaps/fold{{fold}}",
-            encoder=ENCODERS,
+            encoder=HEATMAP_ENCODERS,
             model=MODELS,
             fold=FOLDS,
         ),
+        deploy_outputs("predictions.csv"),
+        deploy_outputs("heatmaps"),
     ]
 
 

@@ -8,6 +8,9 @@ rule extract_features:
         pt=f"{OUTDIR}/features/{{encoder}}/{{slide}}.pt",
     log:
         f"{OUTDIR}/logs/features/{{encoder}}/{{slide}}.log",
+    # Imported encoders' features come from rule import_features, never from here.
+    wildcard_constraints:
+        encoder=alternatives(EXTRACTED_ENCODERS),
     conda:
         "../../envs/features.yaml"
     threads: FEATURES["threads"]
@@ -17,7 +20,7 @@ rule extract_features:
         gpu=FEATURES["gpus"],
         slurm_partition=slurm_partition(FEATURES["gpus"]),
     params:
-        slide=lambda wildcards: SLIDES.loc[wildcards.slide, "path"],
+        slide=slide_path,
         args=extract_arguments,
     shell:
         "python -m preprocessing.extract {params.slide:q} {input.patches:q}"
