@@ -33,6 +33,8 @@ from tqdm import tqdm
 from preprocessing.atomic import atomic_outputs, buffered
 from preprocessing.cli import run_cli, setup_logging
 from preprocessing.encoders import (
+    RANDOM_WEIGHTS,
+    RANDOM_WEIGHTS_SEED,
     EncoderError,
     EncoderSpec,
     build_encoder,
@@ -56,6 +58,8 @@ log = logging.getLogger("hmil.extract")
 STATUS_OK, STATUS_EMPTY, STATUS_FAILED = "ok", "empty", "failed"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = ("float32", "float16")
+#: A slide with more of its patches unreadable than this is failed, not just degraded.
+DEFAULT_MAX_UNREADABLE_FRACTION = 0.1
 #: Attributes the features file sets itself; the patches file's values are kept as `patches_<key>`.
 _OWN_ATTRIBUTES = ("status", "status_reason", "n_patches", "code_version", "params")
 
@@ -452,6 +456,7 @@ class ExtractParams:
     dtype: str
     on_bad_patch: str
     compile: bool
+    max_unreadable_fraction: float = DEFAULT_MAX_UNREADABLE_FRACTION
 
 
 def default_workers(device: torch.device) -> int:
@@ -466,6 +471,13 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {value}")
     return number
 
 
@@ -516,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fail", "skip"),
         default="fail",
         help="unreadable tile: fail (default) or leave the patch out and record it",
+    )
+    parser.add_argument(
+        "--max-unreadable-fraction",
+        type=_fraction,
+        default=DEFAULT_MAX_UNREADABLE_FRACTION,
+        help="with --on-bad-patch skip: a slide with more of its patches unreadable is "
+        f"recorded as failed (default {DEFAULT_MAX_UNREADABLE_FRACTION})",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     parser.add_argument(
@@ -589,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=dtype,
         on_bad_patch=args.on_bad_patch,
         compile=args.compile,
+        max_unreadable_fraction=args.max_unreadable_fraction,
     )
     runner = LazyRunner(device, params)
     if args.sheet is None:
@@ -649,6 +669,7 @@ def encode_slide(
         problem = validate_features(
             job.out, job.patches, spec.name, record, params.dtype, job.out_pt
         )
+        problem = problem or _stale_verdict(job.out, params)
         if problem is None:
             return f"{patches.slide_id}: {job.out} is already complete and valid; skipped"
         log.warning("%s: existing output is invalid (%s); recomputing", job.out, problem)
@@ -664,6 +685,8 @@ def encode_slide(
         "code_version": code_version(),
         "params": json.dumps({**asdict(params), "slide": str(job.slide)}, sort_keys=True),
     }
+    if record == RANDOM_WEIGHTS:  # the features can be made again, bit for bit
+        attrs["weights_seed"] = RANDOM_WEIGHTS_SEED
     if patches.status != STATUS_OK:
         reason = str(patches.attrs.get("status_reason", "")) or "no patches"
         attrs.update(status=patches.status, status_reason=reason)
@@ -699,6 +722,10 @@ def encode_cohort(
                 raise
             failed.append((job.slide_id, str(err)))
             line = f"error: {err}"
+        else:
+            unreadable = _failed_for_unreadable_patches(job.out)
+            if unreadable:
+                failed.append((job.slide_id, f"{job.slide}: {unreadable}"))
         tqdm.write(line, file=sys.stderr if line.startswith(("error", "warning")) else sys.stdout)
     failed_csv = args.out_dir / "failed_slides.csv"
     with atomic_outputs(failed_csv) as (temp,):
@@ -747,11 +774,15 @@ def extract_slide(
             "%s: skipped unreadable patch at level-0 (%d, %d) (%s)", job.slide, x, y, message
         )
     attrs.update(read_level=geometry.level, read_size=geometry.region_size)
-    if len(skipped) == len(patches.coords):
-        attrs.update(status=STATUS_FAILED, status_reason="no patch could be read")
-    else:
-        reason = f"{len(skipped)} unreadable patches skipped" if len(skipped) else ""
-        attrs.update(status=STATUS_OK, status_reason=reason)
+    status, reason = unreadable_verdict(
+        len(skipped), len(patches.coords), params.max_unreadable_fraction
+    )
+    attrs.update(
+        status=status,
+        status_reason=reason,
+        unreadable_fraction=len(skipped) / len(patches.coords),
+        max_unreadable_fraction=params.max_unreadable_fraction,
+    )
     write_features(
         job.out, job.out_pt, result.features, coords, skipped, patches, attrs, params.dtype
     )
@@ -768,9 +799,48 @@ def extract_slide(
         f"{patches.slide_id}: {len(coords)} patches → {spec.feature_dim}-d features "
         f"({spec.name}, {params.precision} on {runner.device}), {rate:.1f} patches/s"
     )
-    if len(skipped):
-        line = f"warning: {job.slide}: {len(skipped)} unreadable patches skipped; {line}"
+    if status == STATUS_FAILED:
+        line = f"warning: {job.slide}: recorded as failed: {reason}; {line}"
+    elif len(skipped):
+        line = f"warning: {job.slide}: degraded: {reason}; {line}"
     return line
+
+
+def unreadable_verdict(unreadable: int, total: int, max_fraction: float) -> tuple[str, str]:
+    """(status, reason) of a slide with `unreadable` of its `total` patches skipped: `ok`
+    (degraded when some were skipped, with the count and fraction in the reason), or `failed`
+    when none could be read or more than `max_fraction` of them could not."""
+    if unreadable == 0:
+        return STATUS_OK, ""
+    fraction = unreadable / total
+    counted = f"{unreadable} of {total} patches unreadable ({fraction:.1%})"
+    if unreadable == total:
+        return STATUS_FAILED, f"no patch could be read ({counted})"
+    if fraction > max_fraction:
+        return STATUS_FAILED, (
+            f"{counted}, more than the {max_fraction:.0%} allowed (--max-unreadable-fraction)"
+        )
+    return STATUS_OK, f"{counted}, skipped"
+
+
+def _failed_for_unreadable_patches(path: Path) -> str | None:
+    """The reason of a written output flagged failed for its unreadable patches, or None."""
+    with h5py.File(path, "r") as h5:
+        failed = _plain(h5.attrs.get("status", STATUS_OK)) == STATUS_FAILED
+        if failed and int(h5.attrs.get("n_skipped", 0)):
+            return str(_plain(h5.attrs.get("status_reason", "")))
+    return None
+
+
+def _stale_verdict(path: Path, params: ExtractParams) -> str | None:
+    """Why a valid output's ok/failed verdict no longer holds (the allowed fraction of
+    unreadable patches changed), or None."""
+    with h5py.File(path, "r") as h5:
+        skipped = int(h5.attrs.get("n_skipped", 0))
+        recorded = h5.attrs.get("max_unreadable_fraction")
+    if skipped and (recorded is None or float(recorded) != params.max_unreadable_fraction):
+        return f"its verdict on {skipped} unreadable patches used another allowed fraction"
+    return None
 
 
 def _slide_geometry(slide_path: Path, patches: Patches, spec: EncoderSpec) -> ReadGeometry:

@@ -160,6 +160,20 @@ def test_same_slide_twice_gives_identical_features(cmu, weights, reference, work
     )
 
 
+def test_random_weights_are_seeded_so_two_runs_give_identical_features(cmu, tmp_path):
+    slide, patches = cmu
+    runs = []
+    for name in ("first", "second"):
+        out = tmp_path / f"{name}.h5"
+        torch.manual_seed(len(name))  # the caller's random state must not matter
+        assert main(cli_args(slide, patches, out, "random", "--workers", "0")) == 0
+        runs.append(read_features(out))
+    (first, attrs), (second, _) = runs
+    assert attrs["weights"] == "random" and attrs["weights_seed"] == 0
+    assert np.array_equal(first["features"], second["features"])
+    assert np.abs(first["features"]).max() > 0
+
+
 def test_rows_follow_the_patches_order_across_workers(cmu, weights, reference, work):
     slide, patches = cmu
     order = np.random.default_rng(3).permutation(40)[:17]
@@ -282,9 +296,9 @@ def test_skip_leaves_bad_patches_out_and_records_them(unreadable, tmp_path, caps
     slide, patches = unreadable
     out = tmp_path / "f.h5"
     argv = cli_args(slide, patches, out, "random", "--workers", "1", "--on-bad-patch", "skip")
-    argv += ["--batch-size", batch_size]
+    argv += ["--batch-size", batch_size, "--max-unreadable-fraction", "0.5"]
     code, stdout, _ = run(argv, capsys)
-    assert code == 0 and "1 unreadable patches skipped" in stdout
+    assert code == 0 and "degraded: 1 of 3 patches unreadable (33.3%), skipped" in stdout
     data, attrs = read_features(out)
     np.testing.assert_array_equal(data["coords"], [[64, 0], [128, 0]])
     np.testing.assert_array_equal(data["skipped_coords"], [[0, 0]])
