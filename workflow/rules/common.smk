@@ -33,15 +33,6 @@ validate(SLIDES, workflow.source_path("../schemas/slides.schema.yaml"))
 
 OUTDIR = config["outdir"].rstrip("/")
 SLIDE_IDS = list(SLIDES.index)
-# Cohorts the trained models are deployed to: name -> sheet file, and name -> sheet.
-DEPLOY_SHEETS = {cohort["name"]: cohort["slides"] for cohort in config["deploy"]}
-DEPLOY = {}
-for _cohort, _sheet in DEPLOY_SHEETS.items():
-    try:
-        DEPLOY[_cohort] = read_slide_sheet(_sheet, require_labels=False)
-    except SheetError as err:
-        raise WorkflowError(f"deploy cohort {_cohort!r}: slide sheet: {err}") from None
-DEPLOY_SLIDE_IDS = sorted({s for sheet in DEPLOY.values() for s in sheet.index})
 PREPROCESS = config["preprocessing"]
 FEATURES = config["features"]
 SPLITS = config["splits"]
@@ -126,8 +117,7 @@ for _encoder in sorted(set(ENCODERS) - set(HEATMAP_ENCODERS)):
 
 
 wildcard_constraints:
-    slide=alternatives(sorted(set(SLIDE_IDS) | set(DEPLOY_SLIDE_IDS))),
-    cohort=alternatives(DEPLOY),
+    slide=alternatives(SLIDE_IDS),
     encoder=alternatives(ENCODERS),
     model=alternatives(MODELS),
     fold=alternatives(FOLDS),
@@ -139,21 +129,12 @@ def slide_file(wildcards):
     A missing file then reaches the patching step, which records it as a failed slide,
     instead of stopping the whole cohort at DAG construction.
     """
-    path = slide_path(wildcards)
+    path = SLIDES.loc[wildcards.slide, "path"]
     return path if os.path.exists(path) else []
 
 
-def sheet_of(wildcards):
-    """The sheet a job's slide comes from: a deployed cohort's, or the training cohort's."""
-    return DEPLOY[wildcards.cohort] if "cohort" in wildcards.keys() else SLIDES
-
-
-def slide_path(wildcards):
-    return sheet_of(wildcards).loc[wildcards.slide, "path"]
-
-
 def patch_arguments(wildcards):
-    row = sheet_of(wildcards).loc[wildcards.slide]
+    row = SLIDES.loc[wildcards.slide]
     args = [
         f"--target-mpp {PREPROCESS['target_mpp']}",
         f"--patch-size {PREPROCESS['patch_size']}",
@@ -206,22 +187,14 @@ def teacher_checkpoint(wildcards):
     )
 
 
-# Training settings passed as hmil.train flags when set; one left out takes the protocol's
-# value (benchmarks/learning_check.py reads the config the same way).
-PROTOCOL_FLAGS = (
-    "epochs", "batch_bags", "lr", "optimizer", "weight_decay", "scheduler", "warmup_epochs",
-    "lr_floor", "patience", "min_epochs", "dropout", "instance_dropout",
-)  # fmt: skip
-
-
 def training_arguments(wildcards, input):
-    args = [f"--protocol {TRAINING['protocol']}"]
-    args += [
-        f"--{key.replace('_', '-')} {TRAINING[key]}"
-        for key in PROTOCOL_FLAGS
-        if TRAINING.get(key) is not None
-    ]
-    args += [
+    args = [
+        f"--epochs {TRAINING['epochs']}",
+        f"--batch-bags {TRAINING['batch_bags']}",
+        f"--lr {TRAINING['lr']}",
+        f"--optimizer {TRAINING['optimizer']}",
+        f"--scheduler {TRAINING['scheduler']}",
+        f"--patience {TRAINING['patience']}",
         f"--seed {TRAINING['seed']}",
         f"--device {TRAINING['device']}",
         "--restart-if-changed",
@@ -271,8 +244,6 @@ def all_outputs():
             model=MODELS,
             fold=FOLDS,
         ),
-        deploy_outputs("predictions.csv"),
-        deploy_outputs("heatmaps"),
     ]
 
 
