@@ -172,6 +172,7 @@ def extract_arguments(wildcards):
             f"--device {FEATURES['device']}",
             f"--precision {FEATURES['precision']}",
             f"--dtype {FEATURES['dtype']}",
+            f"--max-unreadable-fraction {FEATURES['max_unreadable_fraction']}",
             "--on-bad-patch " + ("fail" if config["strict"] else "skip"),
         ]
     )
@@ -233,6 +234,7 @@ def all_outputs():
     # A cohort whose every encoder is imported is never patched.
     patched = [
         f"{OUTDIR}/preprocessing/slides.csv",
+        f"{OUTDIR}/preprocessing/degraded_slides.csv",
         expand(f"{OUTDIR}/qc/{{slide}}.png", slide=SLIDE_IDS),
     ]
     return [

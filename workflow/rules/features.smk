@@ -26,3 +26,26 @@ rule extract_features:
         "python -m preprocessing.extract {params.slide:q} {input.patches:q}"
         " --encoder {wildcards.encoder:q} --out {output.features:q} --out-pt {output.pt:q}"
         " {params.args} > {log:q} 2>&1"
+
+
+rule feature_summary:
+    input:
+        expand(
+            f"{OUTDIR}/features/{{encoder}}/{{slide}}.h5",
+            encoder=EXTRACTED_ENCODERS,
+            slide=SLIDE_IDS,
+        ),
+    output:
+        report(
+            f"{OUTDIR}/preprocessing/degraded_slides.csv",
+            caption="../report/degraded_slides.rst",
+            category="1. Preprocessing",
+            subcategory="Cohort",
+        ),
+    log:
+        f"{OUTDIR}/logs/feature_summary.log",
+    localrule: True
+    conda:
+        "../../envs/features.yaml"
+    shell:
+        "python -m preprocessing.feature_summary {input:q} --out {output:q} 2>&1 | tee {log:q}"
