@@ -19,7 +19,7 @@ from hmil.evaluate import main as evaluate_main
 from hmil.synthetic_features import SyntheticConfig
 from hmil.train import main as train_main
 from preprocessing.cli import run_cli
-from preprocessing.import_features import import_cohort, main
+from preprocessing.import_features import import_cohort, main, patch_geometry
 from tests.hmil.train_cli import write_fold_cohort
 from tests.preprocessing.feature_layouts import (
     PATCH_SIZE,
@@ -243,3 +243,24 @@ def test_help_names_every_option():
     ).stdout  # fmt: skip
     for option in ("--sheet", "--encoder", "--out-dir", "--patches-dir", "--strict"):
         assert option in out
+
+
+def test_clam_patch_geometry_at_a_lower_level_is_scaled_to_level0():
+    """CLAM's patch_size is at patch_level; level 0 is `downsample` times larger."""
+    clam = {"patch_size": 256, "patch_level": 1, "downsample": np.array([4.0, 4.0])}
+    geometry = patch_geometry({}, clam, np.zeros((0, 2), np.int64))
+    assert geometry["patch_size_level0"] == 1024.0 and geometry["patch_level"] == 1
+    coords = np.array([[0, 0], [512, 0], [512, 512]])  # nothing recorded: the grid step
+    assert patch_geometry({}, {}, coords)["patch_size_level0"] == 512.0
+    assert patch_geometry({}, {}, coords[:1]) == {}  # one patch: unknown, no heatmap
+
+
+def test_trident_slide_without_patches_is_recorded_empty(cohort, tmp_path):
+    """TRIDENT writes a slide without tissue as `features` of shape (0,)."""
+    ids = cohort["slide_ids"][:2]
+    source = write_trident(cohort["own"], tmp_path / "job", ids, "uni_v1")
+    with h5py.File(source / "features_uni_v1" / f"{ids[0]}.h5", "w") as h5:
+        h5["features"], h5["coords"] = np.zeros(0, np.float32), np.zeros((0, 2), np.int64)
+    summary = import_cohort(source, ids, "uni_v1", tmp_path / "features")
+    assert summary["status"].tolist() == ["empty", "ok"]
+    assert flagged_reason(tmp_path / "features" / f"{ids[0]}.h5").endswith(": 0 patches")
