@@ -146,7 +146,34 @@ def bold_best(texts: list[str], values: pd.Series) -> list[str]:
     return [f"**{t}**" if v == best else t for t, v in zip(texts, values, strict=True)]
 
 
-def comparison_markdown(table: pd.DataFrame, params: dict[str, Any]) -> str:
+def comparison_markdown(
+    table: pd.DataFrame, params: dict[str, Any], external: pd.DataFrame | None = None
+) -> str:
+    """The cross-validation table, then (deployments with labels) the external one."""
+    lines = ["# Model comparison", "", runs_markdown(table), ""]
+    lines.append(
+        "Mean ± SD over folds (sample SD); pooled: all folds' test predictions together, "
+        "with the 95% percentile bootstrap CI over patients. AUC: macro one-vs-rest over "
+        "the classes present. Bold: best in the column. –: not available (a flat model has "
+        "no coarse head; a failed run has no metrics)."
+    )
+    if external is not None and not external.empty:
+        lines += [
+            "",
+            "## External validation",
+            "",
+            runs_markdown(external, pooled_title="ensemble"),
+            "",
+            "Each run's fold models applied to a deployed cohort (hmil.predict): mean ± SD "
+            "over the fold models alone; ensemble: the mean of their probabilities, the "
+            "deployed prediction, with its 95% patient-bootstrap CI.",
+        ]
+    lines += ["", f"code_version `{code_version()}`; parameters `{json.dumps(params)}`", ""]
+    return "\n".join(lines)
+
+
+def runs_markdown(table: pd.DataFrame, pooled_title: str = "pooled") -> str:
+    """One Markdown table of runs: mean ± SD and pooled AUC with CI per level, status."""
     ok = table["status"] == "ok"
     columns: dict[str, list[str]] = {
         "Run": table["name"].tolist(),
@@ -172,26 +199,11 @@ def comparison_markdown(table: pd.DataFrame, params: dict[str, Any]) -> str:
         ):
             interval = "" if math.isnan(low) else f" [{fmt(low)}, {fmt(high)}]"
             texts.append("–" if math.isnan(value) else f"{fmt(value)}{interval}")
-        columns[f"{title} pooled AUC [95% CI]"] = bold_best(texts, pooled)
+        columns[f"{title} {pooled_title} AUC [95% CI]"] = bold_best(texts, pooled)
     columns["Status"] = [
         "ok" if s else f"**FAILED**: {r}" for s, r in zip(ok, table["reason"], strict=True)
     ]
-    body = pd.DataFrame(columns).to_markdown(index=False, disable_numparse=True)
-    return "\n".join(
-        [
-            "# Model comparison",
-            "",
-            body,
-            "",
-            "Mean ± SD over folds (sample SD); pooled: all folds' test predictions together, "
-            "with the 95% percentile bootstrap CI over patients. AUC: macro one-vs-rest over "
-            "the classes present. Bold: best in the column. –: not available (a flat model has "
-            "no coarse head; a failed run has no metrics).",
-            "",
-            f"code_version `{code_version()}`; parameters `{json.dumps(params)}`",
-            "",
-        ]
-    )
+    return pd.DataFrame(columns).to_markdown(index=False, disable_numparse=True)
 
 
 def class_auc_of(summaries: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, dict]]:
@@ -222,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, required=True, help="comparison CSV")
     parser.add_argument("--md", type=Path, help="Markdown table")
+    parser.add_argument(
+        "--external", nargs="+", type=Path, default=[], metavar="DEPLOY_DIR",
+        help="outputs of hmil.predict on labelled cohorts: a second table in --md",
+    )  # fmt: skip
     parser.add_argument("--plot", type=Path, help="PNG: fine class AUC per run (grouped bars)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -240,10 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             summaries[row["name"]] = summary
     table = comparison_table(rows)
     params = {"eval_dirs": [str(d) for d in args.eval_dirs]}
+    external = None
+    if args.external:
+        external = comparison_table([read_eval_dir(d)[0] for d in args.external])
+        params["external"] = [str(d) for d in args.external]
     with atomic_outputs(args.out, args.md, args.plot) as (out_tmp, md_tmp, plot_tmp):
         table.to_csv(out_tmp, index=False)
         if md_tmp is not None:
-            md_tmp.write_text(comparison_markdown(table, params))
+            md_tmp.write_text(comparison_markdown(table, params, external))
         if plot_tmp is not None:
             # Successful runs in table order, so the bars follow the ranking.
             ordered = {n: summaries[n] for n in table["name"] if n in summaries}

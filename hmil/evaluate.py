@@ -579,7 +579,7 @@ def summary_markdown(evaluation: Evaluation, rows: list[dict[str, Any]]) -> str:
                     spread: mean_std_text(row["mean"], row["std"], row["n_folds"]),
                     "Folds": row["n_folds"],
                     pooled: fmt(row["pooled"]),
-                    f"{CI_LEVEL:.0%} CI (pooled)": ci_text(row["ci_low"], row["ci_high"]),
+                    f"{CI_LEVEL:.0%} CI ({pooled.lower()})": ci_text(row["ci_low"], row["ci_high"]),
                 }
                 for row in rows
                 if row["level"] == level

@@ -357,9 +357,11 @@ def write_cohort(
     mpp: float = 0.5,
     seed: int = 0,
     slides_per_patient: tuple[int, ...] = (2, 1),
+    prefix: str = "slide",
 ) -> Path:
     """Write `n_slides` synthetic slides, the slide sheet `slides.csv` and the class
-    hierarchy `hierarchy.yaml`; return the sheet path.
+    hierarchy `hierarchy.yaml`; return the sheet path. Slide ids are `<prefix>_000`, ...;
+    patient ids start with the prefix's first letter, upper case.
 
     Labels cycle through `DEMO_CLASSES`; patients of a class take `slides_per_patient`
     consecutive slides in turn, so patient-grouped splits have something to group.
@@ -374,8 +376,8 @@ def write_cohort(
     for index in tqdm(range(n_slides), desc="demo cohort", unit="slide"):
         label = fine_labels[index % len(fine_labels)]
         round_ = index // len(fine_labels)
-        patient = f"P{index % len(fine_labels):02d}{patients[round_]:03d}"
-        slide_id = f"slide_{index:03d}"
+        patient = f"{prefix[0].upper()}{index % len(fine_labels):02d}{patients[round_]:03d}"
+        slide_id = f"{prefix}_{index:03d}"
         spec = SlideSpec(
             width=width,
             height=height,
@@ -416,12 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
     slide.add_argument("--aperio", action="store_true", help="Aperio-style description")
     slide.add_argument("--seed", type=int, default=0)
     cohort = sub.add_parser("cohort", help="write a labelled demo cohort and its slides.csv")
-    cohort.add_argument("outdir", type=Path)
-    cohort.add_argument("--slides", type=int, default=36)
-    cohort.add_argument("--width", type=int, default=6000)
-    cohort.add_argument("--height", type=int, default=4000)
-    cohort.add_argument("--mpp", type=float, default=0.5)
-    cohort.add_argument("--seed", type=int, default=0)
+    cohort.add_argument("outdir", type=Path, help="folder for slides/, slides.csv, hierarchy.yaml")
+    cohort.add_argument("--slides", type=int, default=36, help="number of slides")
+    cohort.add_argument("--width", type=int, default=6000, help="level-0 width of each slide, px")
+    cohort.add_argument("--height", type=int, default=4000, help="level-0 height, px")
+    cohort.add_argument("--mpp", type=float, default=0.5, help="level-0 pixel size, µm/px")
+    cohort.add_argument("--seed", type=int, default=0, help="seed of the tissue layout and stains")
+    cohort.add_argument(
+        "--external", type=int, default=6,
+        help="slides of a second, independently drawn cohort in <outdir>/external/ (the "
+        "demo's deployment cohort; 0: none)",
+    )  # fmt: skip
     return parser
 
 
@@ -443,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sheet = write_cohort(args.outdir, args.slides, args.width, args.height, args.mpp, args.seed)
         print(f"wrote {args.slides} slides and {sheet}")
+        if args.external:
+            external = write_cohort(
+                args.outdir / "external", args.external, args.width, args.height, args.mpp,
+                seed=args.seed + 1, slides_per_patient=(1,), prefix="external",
+            )  # fmt: skip
+            print(f"wrote {args.external} slides of the deployment cohort and {external}")
     return 0
 
 

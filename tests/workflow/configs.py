@@ -19,7 +19,8 @@ def write_workflow_config(
     top-level keys."""
     config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
     config.update(slides=str(sheet), hierarchy=str(sheet.parent / "hierarchy.yaml"))
-    config.update(outdir=str(outdir), **top)
+    config.update(outdir=str(outdir), deploy=[])  # the demo's deployment cohort is not here
+    config.update(**top)
     for section, changes in (sections or {}).items():
         if section not in SECTIONS:
             raise ValueError(f"unknown config section {section!r}")

@@ -117,6 +117,7 @@ def test_workflow_passes_lint_and_snakefmt():
             "--config",
             f"slides={PROJECT_ROOT / 'tests' / 'data' / 'lint_slides.csv'}",
             "hierarchy=bracs",
+            "deploy=[]",
         ],
         cwd=PROJECT_ROOT,
         capture_output=True,

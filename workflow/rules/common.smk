@@ -33,6 +33,15 @@ validate(SLIDES, workflow.source_path("../schemas/slides.schema.yaml"))
 
 OUTDIR = config["outdir"].rstrip("/")
 SLIDE_IDS = list(SLIDES.index)
+# Cohorts the trained models are deployed to: name -> sheet file, and name -> sheet.
+DEPLOY_SHEETS = {cohort["name"]: cohort["slides"] for cohort in config["deploy"]}
+DEPLOY = {}
+for _cohort, _sheet in DEPLOY_SHEETS.items():
+    try:
+        DEPLOY[_cohort] = read_slide_sheet(_sheet, require_labels=False)
+    except SheetError as err:
+        raise WorkflowError(f"deploy cohort {_cohort!r}: slide sheet: {err}") from None
+DEPLOY_SLIDE_IDS = sorted({s for sheet in DEPLOY.values() for s in sheet.index})
 PREPROCESS = config["preprocessing"]
 FEATURES = config["features"]
 SPLITS = config["splits"]
@@ -117,7 +126,8 @@ for _encoder in sorted(set(ENCODERS) - set(HEATMAP_ENCODERS)):
 
 
 wildcard_constraints:
-    slide=alternatives(SLIDE_IDS),
+    slide=alternatives(sorted(set(SLIDE_IDS) | set(DEPLOY_SLIDE_IDS))),
+    cohort=alternatives(DEPLOY),
     encoder=alternatives(ENCODERS),
     model=alternatives(MODELS),
     fold=alternatives(FOLDS),
@@ -129,12 +139,21 @@ def slide_file(wildcards):
     A missing file then reaches the patching step, which records it as a failed slide,
     instead of stopping the whole cohort at DAG construction.
     """
-    path = SLIDES.loc[wildcards.slide, "path"]
+    path = slide_path(wildcards)
     return path if os.path.exists(path) else []
 
 
+def sheet_of(wildcards):
+    """The sheet a job's slide comes from: a deployed cohort's, or the training cohort's."""
+    return DEPLOY[wildcards.cohort] if "cohort" in wildcards.keys() else SLIDES
+
+
+def slide_path(wildcards):
+    return sheet_of(wildcards).loc[wildcards.slide, "path"]
+
+
 def patch_arguments(wildcards):
-    row = SLIDES.loc[wildcards.slide]
+    row = sheet_of(wildcards).loc[wildcards.slide]
     args = [
         f"--target-mpp {PREPROCESS['target_mpp']}",
         f"--patch-size {PREPROCESS['patch_size']}",
@@ -230,6 +249,44 @@ def run_dirs(encoder, model):
     return [f"{OUTDIR}/models/{encoder}/{model}/fold{fold}" for fold in FOLDS]
 
 
+# ---- deployment (rules/deploy.smk) ----
+
+
+def deploy_dir(wildcards):
+    return f"{OUTDIR}/deploy/{wildcards.cohort}"
+
+
+def deploy_slides(folder):
+    """A function of the wildcards: one path per slide of the cohort, under `folder`."""
+    return lambda wildcards: expand(
+        f"{deploy_dir(wildcards)}/{folder.format(**wildcards)}/{{slide}}.h5",
+        slide=DEPLOY[wildcards.cohort].index,
+    )
+
+
+def labelled(cohort):
+    sheet = DEPLOY[cohort]
+    return "label" in sheet.columns and bool(sheet["label"].notna().any())
+
+
+# Deployment runs for the encoders this workflow extracts (features made elsewhere for
+# an external cohort would need their own import).
+DEPLOY_TARGETS = [
+    (cohort, encoder, model)
+    for cohort in DEPLOY
+    for encoder in EXTRACTED_ENCODERS
+    for model in MODELS
+]
+
+
+def deploy_outputs(name, only_labelled=False):
+    return [
+        f"{OUTDIR}/deploy/{cohort}/{encoder}/{model}/{name}"
+        for cohort, encoder, model in DEPLOY_TARGETS
+        if labelled(cohort) or not only_labelled
+    ]
+
+
 def all_outputs():
     # A cohort whose every encoder is imported is never patched.
     patched = [
@@ -246,6 +303,8 @@ def all_outputs():
             model=MODELS,
             fold=FOLDS,
         ),
+        deploy_outputs("predictions.csv"),
+        deploy_outputs("heatmaps"),
     ]
 
 

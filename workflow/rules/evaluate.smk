@@ -78,6 +78,8 @@ rule compare:
             encoder=ENCODERS,
             model=MODELS,
         ),
+        # deployments to labelled cohorts: the external validation table
+        external=lambda wildcards: deploy_outputs("summary.json", only_labelled=True),
     output:
         table=report(
             f"{OUTDIR}/eval/comparison.csv",
@@ -97,7 +99,14 @@ rule compare:
     conda:
         "../../envs/train.yaml"
     params:
-        runs=lambda wildcards, input: " ".join(str(Path(path).parent) for path in input),
+        runs=lambda wildcards, input: " ".join(
+            str(Path(path).parent) for path in input if path not in input.external
+        ),
+        external=lambda wildcards, input: " ".join(
+            ["--external", *(str(Path(path).parent) for path in input.external)]
+            if input.external
+            else []
+        ),
     shell:
         "python -m hmil.compare {params.runs} --out {output.table:q}"
-        " --md {output.markdown:q} --plot {output.plot:q} > {log:q} 2>&1"
+        " --md {output.markdown:q} --plot {output.plot:q} {params.external} > {log:q} 2>&1"

@@ -20,7 +20,7 @@ rule extract_features:
         gpu=FEATURES["gpus"],
         slurm_partition=slurm_partition(FEATURES["gpus"]),
     params:
-        slide=lambda wildcards: SLIDES.loc[wildcards.slide, "path"],
+        slide=slide_path,
         args=extract_arguments,
     shell:
         "python -m preprocessing.extract {params.slide:q} {input.patches:q}"

@@ -21,7 +21,7 @@ rule patch:
         runtime=scaled(30),
         slurm_partition=slurm_partition(),
     params:
-        slide=lambda wildcards: SLIDES.loc[wildcards.slide, "path"],
+        slide=slide_path,
         args=patch_arguments,
     shell:
         "python -m preprocessing.patch {params.slide:q} --slide-id {wildcards.slide}"

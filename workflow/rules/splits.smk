@@ -25,7 +25,7 @@ rule splits:
         seed=SPLITS["seed"],
         val_fraction=SPLITS["val_fraction"],
         protocol=SPLITS["protocol"],
-        clam_dir=f"{OUTDIR}/splits/clam",
+        clam_dir=lambda wildcards, output: Path(output.clam[0]).parent,
     shell:
         "python -m hmil.splits {input.sheet:q} --folds {params.folds}"
         " --out {output.splits:q} --seed {params.seed} --hierarchy {params.hierarchy:q}"

@@ -1,0 +1,90 @@
+# Deployment: the trained fold models of every encoder x model applied to the cohorts of
+# `deploy:`. Their slides are patched and encoded by the training cohort's rules and
+# parameters (the same rules, under deploy/{cohort}/); hmil.predict then checks the
+# features against what training recorded in model.pt. Nothing here trains.
+
+
+use rule patch as deploy_patch with:
+    output:
+        patches=f"{OUTDIR}/deploy/{{cohort}}/patches/{{slide}}.h5",
+        qc=report(
+            f"{OUTDIR}/deploy/{{cohort}}/qc/{{slide}}.png",
+            caption="../report/qc.rst",
+            category="5. Deployment",
+            subcategory="{cohort}: tissue and patch grid",
+            labels={"cohort": "{cohort}", "slide": "{slide}"},
+        ),
+        geojson=f"{OUTDIR}/deploy/{{cohort}}/tissue/{{slide}}.geojson",
+    log:
+        f"{OUTDIR}/logs/deploy/{{cohort}}/patch/{{slide}}.log",
+
+
+use rule extract_features as deploy_extract_features with:
+    input:
+        patches=f"{OUTDIR}/deploy/{{cohort}}/patches/{{slide}}.h5",
+        slide=slide_file,
+        weights=weights_file,
+    output:
+        features=f"{OUTDIR}/deploy/{{cohort}}/features/{{encoder}}/{{slide}}.h5",
+        pt=f"{OUTDIR}/deploy/{{cohort}}/features/{{encoder}}/{{slide}}.pt",
+    log:
+        f"{OUTDIR}/logs/deploy/{{cohort}}/features/{{encoder}}/{{slide}}.log",
+
+
+rule deploy:
+    input:
+        models=lambda wildcards: [
+            f"{run}/model.pt" for run in run_dirs(wildcards.encoder, wildcards.model)
+        ],
+        features=deploy_slides("features/{encoder}"),
+        sheet=lambda wildcards: DEPLOY_SHEETS[wildcards.cohort],
+    output:
+        predictions=f"{OUTDIR}/deploy/{{cohort}}/{{encoder}}/{{model}}/predictions.csv",
+        attention=f"{OUTDIR}/deploy/{{cohort}}/{{encoder}}/{{model}}/attention.h5",
+        summary=f"{OUTDIR}/deploy/{{cohort}}/{{encoder}}/{{model}}/summary.json",
+        summary_md=report(
+            f"{OUTDIR}/deploy/{{cohort}}/{{encoder}}/{{model}}/summary.md",
+            caption="../report/deploy.rst",
+            category="5. Deployment",
+            subcategory="{cohort}: {encoder} / {model}",
+            labels={"cohort": "{cohort}", "encoder": "{encoder}", "model": "{model}"},
+        ),
+    log:
+        f"{OUTDIR}/logs/deploy/{{cohort}}/{{encoder}}/{{model}}.log",
+    conda:
+        "../../envs/train.yaml"
+    threads: TRAINING["threads"]
+    resources:
+        mem_mb=scaled(TRAINING["mem_mb"]),
+        runtime=scaled(60),
+        slurm_partition=slurm_partition(),
+    params:
+        runs=lambda wildcards: " ".join(run_dirs(wildcards.encoder, wildcards.model)),
+        features=lambda wildcards: f"{deploy_dir(wildcards)}/features/{wildcards.encoder}",
+        out=subpath(output.predictions, parent=True),
+        bootstrap=EVALUATION["bootstrap"],
+        seed=EVALUATION["seed"],
+        strict="--strict" if config["strict"] else "",
+    shell:
+        "python -m hmil.predict {params.runs} --slides {input.sheet:q}"
+        " --features {params.features:q} --out {params.out:q} --cohort {wildcards.cohort}"
+        " --bootstrap {params.bootstrap} --seed {params.seed} {params.strict} > {log:q} 2>&1"
+
+
+use rule heatmaps as deploy_heatmaps with:
+    input:
+        attention=f"{OUTDIR}/deploy/{{cohort}}/{{encoder}}/{{model}}/attention.h5",
+        predictions=f"{OUTDIR}/deploy/{{cohort}}/{{encoder}}/{{model}}/predictions.csv",
+        patches=deploy_slides("patches"),
+        sheet=lambda wildcards: DEPLOY_SHEETS[wildcards.cohort],
+    output:
+        report(
+            directory(f"{OUTDIR}/deploy/{{cohort}}/{{encoder}}/{{model}}/heatmaps"),
+            patterns=["{name}.png", "{name}.jpg"],
+            caption="../report/heatmaps.rst",
+            category="5. Deployment",
+            subcategory="{cohort}: {encoder} / {model} heatmaps",
+            labels={"slide": "{name}"},
+        ),
+    log:
+        f"{OUTDIR}/logs/deploy/{{cohort}}/heatmaps/{{encoder}}/{{model}}.log",
