@@ -159,6 +159,13 @@ def _plain(value):
     return value
 
 
+def _attributes(obj: h5py.HLObject) -> dict:
+    """An HDF5 object's attributes as plain values; TRIDENT's ``save_h5`` writes a missing
+    value as the string 'None', which counts as absent."""
+    attrs = {key: _plain(value) for key, value in obj.attrs.items()}
+    return {k: v for k, v in attrs.items() if not (isinstance(v, str) and v == "None")}
+
+
 def inspect_source(source: SourceFile, patches_dir: Path | None = None) -> SlideImport:
     """Read and check one slide's features; a problem marks the slide failed, never raises."""
     found = SlideImport(source.slide_id, source)
@@ -188,7 +195,7 @@ def _inspect_h5(found: SlideImport, path: Path, patches_dir: Path | None) -> Non
             found.fail(f"{path}: `features` has shape {features.shape}, expected N×D")
             return
         found.num_patches, found.feature_dim = int(features.shape[0]), int(features.shape[1])
-        found.source_encoder = _plain(features.attrs.get("encoder")) or None
+        found.source_encoder = _attributes(features).get("encoder") or None
         bad_rows = _count_not_finite(features)
         if bad_rows:
             found.fail(f"{path}: {bad_rows} of {found.num_patches} feature rows hold NaN or Inf")
@@ -200,7 +207,7 @@ def _inspect_h5(found: SlideImport, path: Path, patches_dir: Path | None) -> Non
                 return
             found.has_coords = True
             found.geometry = patch_geometry(
-                {k: _plain(v) for k, v in coords.attrs.items()},
+                _attributes(coords),
                 _clam_patches_attrs(path, found.slide_id, patches_dir),
                 coords[()],
             )
@@ -250,7 +257,7 @@ def _clam_patches_attrs(path: Path, slide_id: str, patches_dir: Path | None) -> 
             try:
                 with h5py.File(candidate, "r") as h5:
                     if "coords" in h5:
-                        return {k: _plain(v) for k, v in h5["coords"].attrs.items()}
+                        return _attributes(h5["coords"])
             except OSError:
                 log.warning("%s: CLAM patches file unreadable; geometry unknown", candidate)
     return {}
