@@ -7,7 +7,10 @@ Each EVAL_DIR is an output directory of ``python -m hmil.evaluate``. One that ha
 summary.json, an unreadable one, or a ``FAILED`` marker file (its first line says why;
 see :func:`mark_failed`) becomes a row with status ``failed`` and the reason, and the
 comparison is built from the others. Rows are sorted by mean fine AUC over folds (best
-first), failed runs last; the Markdown table bolds the best value of each column.
+first), failed runs last; the Markdown table bolds the best value of each column. A run
+with a fold whose trainer warned that it may not have learned (``learning_warnings`` in
+the fold's metrics.json: best validation epoch among the first few, or validation AUC
+never above chance) is marked in the Status column and named in ``learning_warnings``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ METRICS = ("auc", "balanced_accuracy", "accuracy", "f1")
 MARKDOWN_METRICS = {"auc": "AUC", "balanced_accuracy": "bal. acc.", "f1": "F1"}
 ID_COLUMNS = (
     "name", "encoder", "model", "status", "reason", "n_folds", "missing_folds", "n_slides",
-    "eval_dir", "code_version",
+    "eval_dir", "code_version", "learning_warnings",
 )  # fmt: skip
 
 
@@ -103,6 +106,7 @@ def read_eval_dir(eval_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None
     }
     if missing:
         row["reason"] = "missing folds: " + "; ".join(str(m.get("reason")) for m in missing)
+    row["learning_warnings"] = fold_learning_warnings(summary)
     for level in LEVELS:
         values = summary["headline"].get(level) or {}
         for metric in METRICS:
@@ -114,6 +118,22 @@ def read_eval_dir(eval_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None
         row[f"{level}_auc_ci_low"] = number(auc.get("ci_low"))
         row[f"{level}_auc_ci_high"] = number(auc.get("ci_high"))
     return row, summary
+
+
+def fold_learning_warnings(summary: dict[str, Any]) -> str:
+    """The trainer's learning warnings of the run's folds, ``fold k: ...; fold j: ...``
+    (empty when none warned or the folds' metrics.json cannot be read)."""
+    warned = []
+    for position, run_dir in enumerate(summary.get("run_dirs") or []):
+        try:
+            metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        warnings = metrics.get("learning_warnings") if isinstance(metrics, dict) else None
+        if warnings:
+            fold = (summary.get("folds_used") or [])[position : position + 1] or [position]
+            warned.append(f"fold {fold[0]}: " + ", ".join(map(str, warnings)))
+    return "; ".join(warned)
 
 
 def number(value: Any) -> float:
@@ -201,7 +221,10 @@ def runs_markdown(table: pd.DataFrame, pooled_title: str = "pooled") -> str:
             texts.append("–" if math.isnan(value) else f"{fmt(value)}{interval}")
         columns[f"{title} {pooled_title} AUC [95% CI]"] = bold_best(texts, pooled)
     columns["Status"] = [
-        "ok" if s else f"**FAILED**: {r}" for s, r in zip(ok, table["reason"], strict=True)
+        (f"ok; **may not have learned**: {w}" if isinstance(w, str) and w else "ok")
+        if s
+        else f"**FAILED**: {r}"
+        for s, r, w in zip(ok, table["reason"], table["learning_warnings"], strict=True)
     ]
     return pd.DataFrame(columns).to_markdown(index=False, disable_numparse=True)
 

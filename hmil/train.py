@@ -9,6 +9,12 @@ slides), log.csv (one row per epoch), and last.pt (the resume checkpoint, rewrit
 every epoch). Rerunning the same command resumes from last.pt; a run whose outputs are
 complete and were made with the same settings is not retrained. ``--stop-after N`` ends
 this invocation after N epochs, leaving last.pt (for time-limited jobs and tests).
+
+``--protocol`` picks the training settings that a flag does not give (:data:`PROTOCOLS`):
+``default``, chosen on the benchmark grid (benchmarks/learning_check.py), learns on cohorts
+of 100–1,000 slides; ``paper`` is the HMIL paper's code (Adam 1e-4, 64 bags per step,
+ReduceLROnPlateau without a floor, no regularisation), whose lr collapses within a few
+dozen epochs on such cohorts (config/README.md, "Training protocols").
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -33,7 +40,7 @@ from tqdm import tqdm
 from hmil.bags import BagDataset, BagError, drop_flagged_slides
 from hmil.feature_record import cohort_feature_record
 from hmil.hierarchy import HierarchyError
-from hmil.losses import HMILLoss, LossConfig
+from hmil.losses import TERMS, HMILLoss, LossConfig
 from hmil.models import create_model, list_models
 from hmil.models.mhim import MHIM, TeacherError, load_teacher
 from hmil.training import (
@@ -43,6 +50,7 @@ from hmil.training import (
     epoch_loader,
     epoch_log_row,
     hierarchy_as_dict,
+    learning_warnings,
     load_fold_tables,
     load_hierarchy,
     predict,
@@ -53,6 +61,7 @@ from hmil.training import (
     selection_score,
     split_metrics,
     train_epoch,
+    warmup_cosine_factor,
     write_attention,
     write_json,
 )
@@ -65,6 +74,41 @@ log = logging.getLogger("hmil.train")
 
 FINAL_OUTPUTS = ("model.pt", "predictions.csv", "metrics.json", "attention.h5", "log.csv")
 
+#: Settings of each ``--protocol``; a flag given on the command line wins. ``min_epochs``
+#: ``auto``: early stopping waits for half the run, and for a loss with schedules (HMIL's
+#: α(e), τ(e)) until the fine terms outweigh the coarse CE, α(e) < 1/2, e ≥ E/√2.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "default": {
+        "epochs": 50,
+        "batch_bags": 8,
+        "lr": 1e-3,
+        "optimizer": "adamw",
+        "weight_decay": 1e-4,
+        "scheduler": "warmup_cosine",
+        "warmup_epochs": 1.0,
+        "lr_floor": 0.05,
+        "patience": 15,
+        "min_epochs": "auto",
+        "dropout": 0.25,
+        "instance_dropout": 0.25,
+    },
+    "paper": {
+        "epochs": 200,
+        "batch_bags": 64,
+        "lr": 1e-4,
+        "optimizer": "adam",
+        "weight_decay": 0.0,
+        "scheduler": "plateau",
+        "warmup_epochs": 0.0,
+        "lr_floor": 0.0,
+        "patience": 20,
+        "min_epochs": 0,
+        "dropout": 0.0,
+        "instance_dropout": 0.0,
+    },
+}
+SCHEDULERS = ("warmup_cosine", "cosine", "plateau")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -76,15 +120,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
     parser.add_argument("--hierarchy", required=True, help="hierarchy YAML or preset name")
     parser.add_argument("--out", required=True, help="output directory of this fold")
-    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default="default",
+        help="the settings of the options below that are not given (default: default)",
+    )
+    parser.add_argument("--epochs", type=int, help="E, also the length of HMIL's schedules")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--batch-bags", type=int, default=64, help="bags per optimiser step")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--optimizer", choices=("adam", "adamw"), default="adam")
-    parser.add_argument("--scheduler", choices=("plateau", "cosine"), default="plateau")
     parser.add_argument(
-        "--patience", type=int, default=20, help="early stopping: epochs without improvement"
+        "--batch-bags", type=int, help="bags per optimiser step (a number of bags, not scaled)"
+    )
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--optimizer", choices=("adam", "adamw"))
+    parser.add_argument("--weight-decay", type=float, help="adamw: decoupled; adam: L2")
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        help="warmup_cosine: per optimiser step, linear warm-up then cosine to the floor; "
+        "cosine: per epoch to the floor; plateau: ÷10 after 5 epochs without a lower val "
+        "fine CE, not below the floor",
+    )
+    parser.add_argument("--warmup-epochs", type=float, help="warmup_cosine: warm-up length")
+    parser.add_argument(
+        "--lr-floor", type=float, help="the lr never falls below this fraction of --lr"
+    )
+    parser.add_argument(
+        "--patience", type=int, help="early stopping: epochs without a better val fine AUC"
+    )
+    parser.add_argument(
+        "--min-epochs",
+        help="early stopping cannot end the run before this many epochs; auto: E/2, and "
+        "E/√2 for losses with schedules (HMIL's curriculum)",
+    )
+    parser.add_argument("--dropout", type=float, help="models' dropout (0: off)")
+    parser.add_argument(
+        "--instance-dropout",
+        type=float,
+        help="fraction of each training bag's instances dropped at random, every step",
     )
     parser.add_argument(
         "--loss-preset",
@@ -129,9 +203,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    for name, value in PROTOCOLS[args.protocol].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("epochs", "batch_bags", "patience"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    for name in ("dropout", "instance_dropout", "lr_floor"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
+    for name in ("weight_decay", "warmup_epochs"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be ≥ 0")
+    if args.min_epochs != "auto":
+        try:
+            args.min_epochs = int(args.min_epochs)
+        except ValueError:
+            parser.error(f"--min-epochs: expected a number or auto, not {args.min_epochs!r}")
+        if args.min_epochs < 0:
+            parser.error("--min-epochs must be ≥ 0")
     return args
 
 
@@ -163,7 +253,10 @@ def record_failure(args: argparse.Namespace, error: Exception) -> int:
     requested = {
         "model": args.model, "fold": args.fold, "epochs": args.epochs, "seed": args.seed,
         "batch_bags": args.batch_bags, "lr": args.lr, "optimizer": args.optimizer,
-        "scheduler": args.scheduler, "patience": args.patience,
+        "scheduler": args.scheduler, "patience": args.patience, "protocol": args.protocol,
+        "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
+        "lr_floor": args.lr_floor, "min_epochs": args.min_epochs, "dropout": args.dropout,
+        "instance_dropout": args.instance_dropout,
     }  # fmt: skip
     failure = {"status": "failed", "reason": reason, "code_version": code_version()}
     history = out / "log.csv"
@@ -206,6 +299,7 @@ def train_fold(args: argparse.Namespace) -> int:
     for split in ("train", "val"):
         if tables[split].empty:
             raise TrainingError(f"fold {args.fold} has no usable {split!r} slides")
+    check_cohort(args, tables)
     train_set = BagDataset(tables["train"], args.features, hierarchy, cache=args.cache)
     in_dim = train_set.feature_dim
     datasets = {"train": train_set}
@@ -216,6 +310,8 @@ def train_fold(args: argparse.Namespace) -> int:
 
     seed_everything(args.seed)
     model_kwargs = mhim_model_kwargs(args)
+    if args.dropout > 0:  # every model takes dropout; 0 keeps each model's own default
+        model_kwargs["dropout"] = args.dropout
     try:
         model = create_model(args.model, in_dim=in_dim, hierarchy=hierarchy, **model_kwargs)
     except ValueError as error:  # e.g. an unknown MHIM preset
@@ -236,6 +332,7 @@ def train_fold(args: argparse.Namespace) -> int:
             )
         except TeacherError as error:
             raise TrainingError(f"--teacher {error}") from None
+    min_epochs = resolve_min_epochs(args, loss_config)
     config = TrainConfig(
         model=args.model,
         fold=args.fold,
@@ -248,6 +345,13 @@ def train_fold(args: argparse.Namespace) -> int:
         patience=args.patience,
         loss_preset=loss_preset,
         hierarchy=hierarchy_as_dict(hierarchy),
+        protocol=args.protocol,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        lr_floor=args.lr_floor,
+        min_epochs=min_epochs,
+        dropout=args.dropout,
+        instance_dropout=args.instance_dropout,
         mhim_preset=model.preset if isinstance(model, MHIM) else None,
         teacher_sha256=teacher_sha256,
     )
@@ -262,13 +366,10 @@ def train_fold(args: argparse.Namespace) -> int:
     optimizer_class = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
     # trainable parameters only: an MHIM teacher follows the student by EMA, not by gradient
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = optimizer_class(trainable, lr=args.lr)
-    if args.scheduler == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=0.1, patience=5
-        )
-    else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    optimizer = optimizer_class(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_bags)
+    scheduler = make_scheduler(args, optimizer, steps_per_epoch)
+    step_scheduler = scheduler if args.scheduler == "warmup_cosine" else None
 
     state: dict[str, Any] = {
         "epoch": 0,  # epochs completed
@@ -290,9 +391,7 @@ def train_fold(args: argparse.Namespace) -> int:
             state = resumed
             log.info("resuming %s after epoch %d", last_path, state["epoch"] - 1)
 
-    use_auc = len(set(datasets["val"].fine_labels.tolist())) >= 2
-    if not use_auc:
-        log.warning("val set has < 2 fine classes: selecting the model by val loss")
+    use_auc = True  # check_cohort refused a validation set of one fine class
     pin = device.type == "cuda"
     val_loader = epoch_loader(datasets["val"], args.batch_bags, None, 0, args.num_workers, pin)
     first_epoch = state["epoch"]
@@ -311,14 +410,17 @@ def train_fold(args: argparse.Namespace) -> int:
         train_loader = epoch_loader(
             train_set, args.batch_bags, args.seed, epoch, args.num_workers, pin
         )
-        train_terms = train_epoch(model, loss_fn, optimizer, train_loader, epoch, device)
+        train_terms = train_epoch(
+            model, loss_fn, optimizer, train_loader, epoch, device, step_scheduler,
+            args.instance_dropout,
+        )  # fmt: skip
         val = predict(model, val_loader, membership, device, loss_fn, epoch)
         lr = optimizer.param_groups[0]["lr"]
         if args.scheduler == "plateau":
             # Fine CE, not the total: HMIL's total grows by design as the contrastive weight
             # rises, which would cut the lr every few epochs whatever the model learns.
             scheduler.step(val.loss.get("fine_ce", val.loss["total"]))
-        else:
+        elif args.scheduler == "cosine":
             scheduler.step()
         row = epoch_log_row(epoch, loss_fn, lr, train_terms, val, time.perf_counter() - started)
         state["history"].append(row)
@@ -335,7 +437,9 @@ def train_fold(args: argparse.Namespace) -> int:
             state["epochs_without_improvement"] = 0
         else:
             state["epochs_without_improvement"] += 1
-        state["stopped_early"] = state["epochs_without_improvement"] >= args.patience
+        state["stopped_early"] = (
+            state["epochs_without_improvement"] >= args.patience and epoch + 1 >= min_epochs
+        )
         state["epoch"] = epoch + 1
         save_checkpoint(
             last_path, out / "log.csv", config, inputs, model, optimizer, scheduler, state
@@ -351,8 +455,63 @@ def train_fold(args: argparse.Namespace) -> int:
 
     model.load_state_dict(state["best_state"])
     state["excluded_slides"] = excluded
+    state["learning_warnings"] = learning_warnings(state["history"], state["best_epoch"])
+    if state["learning_warnings"]:
+        log.warning("%s may not have learned: %s", out, "; ".join(state["learning_warnings"]))
     write_final_outputs(out, args, config, model, in_dim, hierarchy, datasets, tables, state)
     return 0
+
+
+def check_cohort(args: argparse.Namespace, tables: dict[str, pd.DataFrame]) -> None:
+    """One error line for a fold the settings cannot train: fewer training slides than bags
+    per step, or a validation set of one fine class (no AUC to select a model by)."""
+    num_train = len(tables["train"])
+    if num_train < args.batch_bags:
+        raise TrainingError(
+            f"fold {args.fold} has {num_train} training slides, fewer than --batch-bags "
+            f"{args.batch_bags} (training.batch_bags); use at most {num_train} bags per step"
+        )
+    val_classes = sorted(set(tables["val"]["label"].astype(str)))
+    if len(val_classes) < 2:
+        raise TrainingError(
+            f"fold {args.fold}: the validation set has one fine class ({val_classes[0]!r}, "
+            f"{len(tables['val'])} slides); model selection by validation fine macro-AUC needs "
+            f"two or more (raise splits.val_fraction or add slides)"
+        )
+
+
+def resolve_min_epochs(args: argparse.Namespace, loss_config: LossConfig) -> int:
+    """The epoch before which early stopping cannot end the run (see :data:`PROTOCOLS`)."""
+    if args.min_epochs == "auto":
+        scheduled = any(isinstance(getattr(loss_config, term), str) for term in TERMS) or (
+            loss_config.temperature == "cosine" and loss_config.is_enabled("contrastive")
+        )
+        return math.ceil(args.epochs / math.sqrt(2) if scheduled else args.epochs / 2)
+    if args.min_epochs > args.epochs:
+        raise TrainingError(
+            f"--epochs {args.epochs} is below --min-epochs {args.min_epochs}, the minimum for "
+            f"early stopping (training.min_epochs); raise the epochs or lower the minimum"
+        )
+    return args.min_epochs
+
+
+def make_scheduler(args: argparse.Namespace, optimizer, steps_per_epoch: int):
+    """The lr schedule of ``--scheduler``; each keeps the lr at or above ``--lr-floor``·lr."""
+    floor = args.lr_floor * args.lr
+    if args.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=0.1, patience=5, min_lr=floor
+        )
+    if args.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=args.epochs, eta_min=floor
+        )
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = min(total_steps, round(args.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine_factor(step, total_steps, warmup_steps, args.lr_floor),
+    )
 
 
 def optional_summary_writer(log_dir: Path):
@@ -541,6 +700,7 @@ def write_final_outputs(
         "best_epoch": state["best_epoch"],
         "epochs_trained": state["epoch"],
         "stopped_early": state["stopped_early"],
+        "learning_warnings": state.get("learning_warnings", []),
         "in_dim": in_dim,
         "features": features_record,
         "excluded_slides": state.get("excluded_slides", {}),

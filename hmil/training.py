@@ -1,8 +1,9 @@
 """The per-fold trainer's core: split tables, seeding, one epoch, prediction, outputs.
 
-The CLI (:mod:`hmil.train`) validates arguments, then calls these functions. Bags are
-forwarded whole (no patch sampling); B bags make one optimiser step, and
-:class:`~hmil.losses.HMILLoss` averages its terms over the B bags.
+The CLI (:mod:`hmil.train`) validates arguments, then calls these functions. B bags make
+one optimiser step, and :class:`~hmil.losses.HMILLoss` averages its terms over the B bags.
+In training a random fraction of each bag's instances may be dropped (``instance_dropout``,
+a regulariser for cohorts of a few hundred slides); evaluation always sees whole bags.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ class TrainConfig:
     patience: int
     loss_preset: str
     hierarchy: dict[str, Any]
+    protocol: str = "default"
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    lr_floor: float = 0.0
+    min_epochs: int = 0  # early stopping cannot end the run before this many epochs
+    dropout: float = 0.0
+    instance_dropout: float = 0.0
     # MHIM runs only: the MHIM preset and the sha256 of the --teacher checkpoint
     mhim_preset: str | None = None
     teacher_sha256: str | None = None
@@ -210,6 +218,29 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=tensor.is_pinned())
 
 
+def drop_instances(bag: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The bag without a random ``fraction`` of its instances (each dropped independently,
+    torch's global RNG, at least one kept): a bag seen twice in training is never the same
+    bag, which keeps a few hundred slides from being memorised."""
+    if fraction <= 0:
+        return bag
+    keep = torch.rand(bag.shape[0], device=bag.device) >= fraction
+    if not bool(keep.any()):
+        keep[torch.randint(bag.shape[0], (1,), device=bag.device)] = True
+    return bag[keep]
+
+
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, floor: float) -> float:
+    """lr multiplier at optimiser step ``step``: linear warm-up from ``floor`` to 1 over
+    ``warmup_steps``, then cosine from 1 down to ``floor`` at ``total_steps``; never below
+    the floor, so no step of the run trains at a collapsed lr."""
+    if step < warmup_steps:
+        return floor + (1.0 - floor) * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def train_epoch(
     model: nn.Module,
     loss_fn: HMILLoss,
@@ -217,11 +248,14 @@ def train_epoch(
     loader: DataLoader,
     epoch: int,
     device: torch.device,
+    step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    instance_dropout: float = 0.0,
 ) -> dict[str, float]:
     """One pass over the training bags, one optimiser step per batch.
 
     Returns each loss term (and ``total``) averaged over bags (batch means weighted by
-    batch size).
+    batch size). ``step_scheduler`` (a schedule in optimiser steps) is stepped after each
+    step; ``instance_dropout`` drops that fraction of each bag's instances.
 
     A model with training schedules of its own (MHIM's EMA teacher) may define
     ``set_training_progress(p)``, called before each step with the fraction p ∈ [0, 1) of
@@ -235,7 +269,10 @@ def train_epoch(
         if hasattr(model, "set_training_progress"):
             model.set_training_progress((epoch + step / num_steps) / loss_fn.num_epochs)
         with autocast_context(device):
-            outputs = [model(to_device(features, device)) for features in batch.features]
+            outputs = [
+                model(drop_instances(to_device(features, device), instance_dropout))
+                for features in batch.features
+            ]
             terms = loss_fn(
                 outputs,
                 to_device(batch.fine_labels, device),
@@ -245,6 +282,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
         if hasattr(model, "after_optimizer_step"):
             model.after_optimizer_step()
         size = len(batch.features)
@@ -376,6 +415,33 @@ def selection_score(row: dict[str, float], use_auc: bool) -> float:
     if use_auc and not math.isnan(row["val_fine_auc"]):
         return row["val_fine_auc"]
     return -row["val_loss"]
+
+
+#: A best epoch below this (or below E/4 for short runs) is an early best: the saved model
+#: is the initialisation or close to it.
+EARLY_BEST_EPOCHS = 5
+#: Validation fine macro-AUC that a run must exceed at some epoch to have left chance (0.5);
+#: the margin absorbs the noise of a validation set of 20–60 slides.
+CHANCE_AUC_MARGIN = 0.05
+
+
+def learning_warnings(history: list[dict[str, float]], best_epoch: int | None) -> list[str]:
+    """Why a finished run's model may not have learned: its best validation epoch is one of
+    the first few, or its validation fine AUC never left chance. Empty when neither."""
+    warnings = []
+    early = max(1, min(EARLY_BEST_EPOCHS, len(history) // 4))
+    if best_epoch is not None and best_epoch < early and len(history) > early:
+        warnings.append(
+            f"best validation epoch is {best_epoch} of {len(history)} (the saved model is "
+            f"the initialisation or close to it)"
+        )
+    aucs = [row["val_fine_auc"] for row in history if not math.isnan(row["val_fine_auc"])]
+    if aucs and max(aucs) <= 0.5 + CHANCE_AUC_MARGIN:
+        warnings.append(
+            f"validation fine macro-AUC never left chance (best {max(aucs):.3f} ≤ "
+            f"{0.5 + CHANCE_AUC_MARGIN:.2f})"
+        )
+    return warnings
 
 
 # ---- outputs ---------------------------------------------------------------------------------

@@ -137,3 +137,33 @@ def test_only_failed_runs_still_write_a_table_and_a_plot(tmp_path):
     table = pd.read_csv(csv)
     assert table["status"].tolist() == ["failed"] and table["name"].tolist() == ["a/b"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_with_a_fold_that_may_not_have_learned_is_marked(eval_dirs, tmp_path):
+    root, dirs = eval_dirs
+    run_dirs = []
+    for fold in (0, 1):
+        run_dir = tmp_path / "models" / "enc" / "stuck" / f"fold{fold}"
+        run_dir.mkdir(parents=True)
+        source = root / "models" / "enc" / "strong" / f"fold{fold}" / "predictions.csv"
+        (run_dir / "predictions.csv").write_bytes(source.read_bytes())
+        warnings = ["best validation epoch is 0 of 50"] if fold == 1 else []
+        (run_dir / "metrics.json").write_text(
+            json.dumps(
+                {"config": {"fold": fold, "hierarchy": HIERARCHY}, "learning_warnings": warnings}
+            )
+        )
+        run_dirs.append(str(run_dir))
+    stuck = tmp_path / "eval" / "enc" / "stuck"
+    assert evaluate_main([*run_dirs, "--out", str(stuck), "--bootstrap", "50"]) == 0
+    csv, md = tmp_path / "comparison.csv", tmp_path / "comparison.md"
+    assert main([str(stuck), str(dirs["weak"]), "--out", str(csv), "--md", str(md)]) == 0
+    table = pd.read_csv(csv).set_index("name")
+    assert table.loc["enc/stuck", "learning_warnings"] == (
+        "fold 1: best validation epoch is 0 of 50"
+    )
+    assert pd.isna(table.loc["enc/weak", "learning_warnings"])
+    lines = {line.split("|")[1].strip(): line for line in md.read_text().splitlines()
+             if line.startswith("| enc/")}  # fmt: skip
+    assert "**may not have learned**: fold 1: best validation epoch is 0" in lines["enc/stuck"]
+    assert lines["enc/weak"].rstrip(" |").endswith("ok")

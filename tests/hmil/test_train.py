@@ -292,17 +292,27 @@ def test_missing_feature_file_names_the_slide_and_file(cohort, tmp_path, capsys)
     assert "'ghost'" in line and str(cohort["root"] / "features" / "ghost") in line
 
 
-def test_val_set_with_one_class_selects_by_val_loss(cohort, tmp_path):
+def test_val_set_with_one_class_is_one_error_line(cohort, tmp_path, capsys):
     def one_class_val(table):
         table.loc[(table["fold0"] == "val") & (table["label"] != "a1"), "fold0"] = "train"
 
     splits = rewritten_splits(cohort, tmp_path, one_class_val)
-    assert main(train_args(cohort, tmp_path / "out", splits=splits, epochs=2)) == 0
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["val"]["num_slides"] == 2
-    assert metrics["val"]["fine"]["auc"] is None  # undefined with one class: null, not a crash
-    log = pd.read_csv(tmp_path / "out" / "log.csv")
-    assert metrics["best_epoch"] == int(log["val_loss"].idxmin())
+    line = one_error_line(capsys, train_args(cohort, tmp_path / "out", splits=splits, epochs=2))
+    assert "validation set has one fine class ('a1', 2 slides)" in line
+    assert "val_fraction" in line
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_fewer_training_slides_than_bags_per_step_is_one_error_line(cohort, tmp_path, capsys):
+    args = train_args(cohort, tmp_path / "out")
+    args[args.index("--batch-bags") + 1] = "25"  # the fold trains on 24 slides
+    line = one_error_line(capsys, args)
+    assert "24 training slides, fewer than --batch-bags 25" in line
+
+
+def test_epochs_below_the_minimum_for_early_stopping_is_one_error_line(cohort, tmp_path, capsys):
+    line = one_error_line(capsys, [*train_args(cohort, tmp_path / "out"), "--min-epochs", "4"])
+    assert "--epochs 3 is below --min-epochs 4" in line
 
 
 def test_hierarchy_preset_name_is_accepted_and_unknown_preset_is_one_error_line(

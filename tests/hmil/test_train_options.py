@@ -12,6 +12,7 @@ import torch
 import hmil.bags
 from hmil.synthetic_features import SyntheticConfig
 from hmil.train import main
+from hmil.training import drop_instances, learning_warnings
 from tests.hmil.train_cli import write_fold_cohort
 
 SMALL = SyntheticConfig(
@@ -93,10 +94,13 @@ def test_two_loader_workers_give_the_same_result_as_none(cohort, reference_run, 
     pd.testing.assert_frame_equal(log, reference_run[1])
 
 
-def test_adamw_with_cosine_schedule_anneals_the_lr_from_lr_to_zero(cohort, tmp_path):
+def test_adamw_with_cosine_schedule_anneals_the_lr_from_lr_to_its_floor(cohort, tmp_path):
     epochs, lr = 6, 1e-3
     out = tmp_path / "adamw"
-    _, log = train(cohort, out, "--optimizer", "adamw", "--scheduler", "cosine", epochs=epochs)
+    _, log = train(
+        cohort, out, "--optimizer", "adamw", "--scheduler", "cosine", "--lr-floor", "0",
+        "--weight-decay", "0.01", epochs=epochs,
+    )  # fmt: skip
     # log.csv records the lr each epoch trained with: lr·(1 + cos(πe/E))/2.
     expected = [lr * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
     assert log["lr"].tolist() == pytest.approx(expected, rel=1e-6)
@@ -110,6 +114,87 @@ def test_adamw_with_cosine_schedule_anneals_the_lr_from_lr_to_zero(cohort, tmp_p
     assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
     config = json.loads((out / "metrics.json").read_text())["config"]
     assert (config["optimizer"], config["scheduler"]) == ("adamw", "cosine")
+
+
+def test_default_schedule_warms_up_in_steps_and_never_falls_below_its_floor(cohort, tmp_path):
+    """8 training slides, 4 bags per step: 2 steps an epoch; warm-up 1 epoch, floor 5 %."""
+    epochs, lr = 8, 1e-3
+    out = tmp_path / "default"
+    _, log = train(cohort, out, epochs=epochs)
+    steps, warmup, floor = 2 * epochs, 2, 0.05
+
+    def factor(step):  # the lr multiplier after `step` optimiser steps
+        if step < warmup:
+            return floor + (1 - floor) * (step + 1) / warmup
+        progress = (step - warmup) / (steps - warmup)
+        return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
+
+    # log.csv: the lr after each epoch's last step, i.e. the one the next step trains with
+    expected = [lr * factor(2 * (e + 1)) for e in range(epochs)]
+    assert log["lr"].tolist() == pytest.approx(expected, rel=1e-6)
+    assert log["lr"].min() >= floor * lr * (1 - 1e-9)
+    assert (log.loc[log["epoch"] < epochs / 2, "lr"] > 0.5 * lr).all()  # no collapse by E/2
+    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    assert checkpoint["scheduler"]["last_epoch"] == steps  # stepped after every step
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["protocol"] == "default" and config["scheduler"] == "warmup_cosine"
+    assert (config["dropout"], config["instance_dropout"]) == (0.25, 0.25)
+    assert config["min_epochs"] == math.ceil(epochs / math.sqrt(2))  # HMIL's curriculum
+
+
+def test_paper_protocol_runs_the_reference_settings(cohort, tmp_path):
+    out = tmp_path / "paper"
+    # a flag still wins over the protocol: 4 bags per step on this 8-slide fold
+    train(cohort, out, "--protocol", "paper", epochs=2)
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config | {"batch_bags": 64} == config | {
+        "protocol": "paper", "optimizer": "adam", "scheduler": "plateau", "weight_decay": 0.0,
+        "lr_floor": 0.0, "dropout": 0.0, "instance_dropout": 0.0, "min_epochs": 0,
+        "patience": 20, "batch_bags": 64,
+    }  # fmt: skip
+    assert config["batch_bags"] == 4
+
+
+def test_early_stopping_waits_for_the_minimum_epochs(cohort, tmp_path):
+    out = tmp_path / "patient"
+    # lr 0: nothing improves after epoch 0, so patience 1 would stop after epoch 1
+    train(cohort, out, "--lr", "1e-12", "--patience", "1", "--min-epochs", "5", epochs=8)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_early"] and metrics["epochs_trained"] == 5
+    assert metrics["best_epoch"] == 0
+
+
+def test_run_whose_best_epoch_is_its_first_says_so(cohort, tmp_path, caplog):
+    out = tmp_path / "untrained"
+    with caplog.at_level("WARNING", logger="hmil.train"):
+        train(cohort, out, "--lr", "1e-12", epochs=8)
+    warnings = json.loads((out / "metrics.json").read_text())["learning_warnings"]
+    assert any("best validation epoch is 0 of 8" in warning for warning in warnings)
+    lines = [r.getMessage() for r in caplog.records if "may not have learned" in r.getMessage()]
+    assert len(lines) == 1 and "best validation epoch is 0" in lines[0]
+
+
+def test_learning_warnings_name_an_early_best_epoch_and_a_run_that_stayed_at_chance():
+    def history(aucs):
+        return [{"val_fine_auc": auc} for auc in aucs]
+
+    learned = history([0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.9, 0.9, 0.9])
+    assert learning_warnings(learned, best_epoch=6) == []
+    (early,) = learning_warnings(learned, best_epoch=1)
+    assert "best validation epoch is 1 of 10" in early
+    (chance,) = learning_warnings(history([0.5, 0.52, 0.48, 0.54, 0.5, 0.51, 0.5, 0.5]), 3)
+    assert "never left chance (best 0.540" in chance
+    assert learning_warnings(history([float("nan")] * 8), best_epoch=7) == []
+
+
+def test_instance_dropout_drops_about_its_fraction_and_keeps_one():
+    torch.manual_seed(0)
+    bag = torch.arange(10_000, dtype=torch.float32).unsqueeze(1)
+    kept = drop_instances(bag, 0.25)
+    assert 0.73 < len(kept) / len(bag) < 0.77
+    assert torch.equal(kept, bag[torch.isin(bag[:, 0], kept[:, 0])])  # order and rows kept
+    assert drop_instances(bag, 0.0) is bag
+    assert all(len(drop_instances(bag[:1], 0.99)) == 1 for _ in range(20))
 
 
 def test_tensorboard_event_files_hold_the_logged_scalars(cohort, tmp_path):

@@ -207,14 +207,22 @@ def teacher_checkpoint(wildcards):
     )
 
 
+# Training settings passed as hmil.train flags when set; one left out takes the protocol's
+# value (benchmarks/learning_check.py reads the config the same way).
+PROTOCOL_FLAGS = (
+    "epochs", "batch_bags", "lr", "optimizer", "weight_decay", "scheduler", "warmup_epochs",
+    "lr_floor", "patience", "min_epochs", "dropout", "instance_dropout",
+)  # fmt: skip
+
+
 def training_arguments(wildcards, input):
-    args = [
-        f"--epochs {TRAINING['epochs']}",
-        f"--batch-bags {TRAINING['batch_bags']}",
-        f"--lr {TRAINING['lr']}",
-        f"--optimizer {TRAINING['optimizer']}",
-        f"--scheduler {TRAINING['scheduler']}",
-        f"--patience {TRAINING['patience']}",
+    args = [f"--protocol {TRAINING['protocol']}"]
+    args += [
+        f"--{key.replace('_', '-')} {TRAINING[key]}"
+        for key in PROTOCOL_FLAGS
+        if TRAINING.get(key) is not None
+    ]
+    args += [
         f"--seed {TRAINING['seed']}",
         f"--device {TRAINING['device']}",
         "--restart-if-changed",
