@@ -1,8 +1,12 @@
 """Feature extraction speed: model alone vs end to end (read + resize + model), patches/s.
 
-    python benchmarks/bench_features.py [--encoders resnet50_trunc uni] [--precisions fp32 bf16]
-        [--workers 1 2] [--batch-size 64] [--patches 512] [--device auto] [--threads N]
-        [--compile] [--profile] [--repeats R] [--reader-only]
+    python benchmarks/bench_features.py [--encoders resnet50_trunc uni | all]
+        [--precisions fp32 bf16] [--workers 1 2] [--batch-size 64] [--patches 512]
+        [--device auto] [--threads N] [--compile] [--profile] [--repeats R] [--reader-only]
+
+`--encoders all` runs every registered encoder (one that cannot be built here, e.g. without
+its optional package, is named and skipped), so one command on a GPU machine measures them all:
+    python benchmarks/bench_features.py --encoders all --device cuda
 
 Model-only pushes random uint8 batches through the same normalise + model path as
 `python -m preprocessing.extract` (`EncoderRunner`). End-to-end runs `extract_features`
@@ -28,8 +32,13 @@ from pathlib import Path
 import cv2
 import torch
 
-from preprocessing.encoders import build_encoder
-from preprocessing.extract import EncoderRunner, extract_features, resolve_device
+from preprocessing.encoders import EncoderError, build_encoder, list_encoders
+from preprocessing.extract import (
+    EncoderRunner,
+    default_workers,
+    extract_features,
+    resolve_device,
+)
 from preprocessing.patch import PatchParams, patch_slide
 from preprocessing.patch_dataset import PatchDataset, iter_batches, patch_loader, read_geometry
 from preprocessing.slide import open_slide, read_rgb
@@ -105,9 +114,19 @@ def profile_reading(dataset: PatchDataset, count: int = 64) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--encoders", nargs="+", default=["resnet50_trunc", "uni"])
+    parser.add_argument(
+        "--encoders",
+        nargs="+",
+        default=["resnet50_trunc", "uni"],
+        help="registered names, timm:<model>, or 'all' (every registered encoder)",
+    )
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument(
+        "--workers",
+        nargs="+",
+        type=int,
+        help="reader processes to try (default: 1 2 on CPU, extract's default on GPU)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--patches", type=int, default=512)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -126,6 +145,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.workers is None:
+        args.workers = [1, 2] if device.type == "cpu" else [default_workers(device)]
+    if args.encoders == ["all"]:
+        args.encoders = list_encoders()
     if not args.slide.exists():
         print(f"generating {args.slide} ({WIDTH} x {HEIGHT} px at {MPP} µm/px) ...", flush=True)
         write_slide(args.slide, two_region_spec(WIDTH, HEIGHT, MPP))
@@ -142,7 +165,11 @@ def main() -> None:
         f"{'CPU ms/patch: model':>19} {'e2e':>6}"
     )
     for name in args.encoders:
-        model, spec, _ = build_encoder(name, "random")
+        try:
+            model, spec, _ = build_encoder(name, "random")
+        except EncoderError as err:  # e.g. an optional package missing: the others go on
+            print(f"{name:15} skipped: {err}", flush=True)
+            continue
         slide = open_slide(args.slide)
         geometry = read_geometry(
             slide, patches.mpp.value, patches.grid.patch_size_level0, spec.mpp, spec.input_size
@@ -186,6 +213,10 @@ def main() -> None:
                     + (f"  (e2e median {median:.1f})" if len(runs) > 1 else ""),
                     flush=True,
                 )
+            del runner
+        del model  # a ViT-g holds GBs: free it before the next encoder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
