@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--slides", type=Path, required=True,
-        help="slide sheet of the cohort (slide_id, path[, patient_id, label]; labels optional)",
+        help="slide sheet of the cohort (slide_id[, patient_id, label, path]; labels optional)",
     )  # fmt: skip
     parser.add_argument(
         "--features", type=Path, required=True,

@@ -13,11 +13,15 @@ REQUIRED_COLUMNS = ("slide_id", "path", "patient_id", "label")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def read_slide_sheet(path: str | Path, require_labels: bool = True) -> pd.DataFrame:
+def read_slide_sheet(
+    path: str | Path, require_labels: bool = True, require_paths: bool = True
+) -> pd.DataFrame:
     """Read and check the sheet; return it indexed by `slide_id`, with absolute `path`s.
 
     Relative slide paths are taken relative to the sheet's folder, so a cohort folder can
     be moved as a whole. Raises `SheetError` with the sheet name and the offending rows.
+    `require_paths=False` serves steps that read only features (deployment), whose users
+    may hold features without the slides.
     """
     path = Path(path)
     if not path.is_file():
@@ -29,6 +33,8 @@ def read_slide_sheet(path: str | Path, require_labels: bool = True) -> pd.DataFr
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise SheetError(f"{path}: not a readable CSV ({err})") from None
     required = REQUIRED_COLUMNS if require_labels else ("slide_id", "path")
+    if not require_paths:
+        required = tuple(column for column in required if column != "path")
     missing = [column for column in required if column not in sheet.columns]
     if missing:
         raise SheetError(
@@ -61,6 +67,8 @@ def read_slide_sheet(path: str | Path, require_labels: bool = True) -> pd.DataFr
                 f"{path}: `mpp` must be a positive number (slide {sheet['slide_id'][bad].iloc[0]})"
             )
         sheet["mpp"] = mpp
+    if "path" not in sheet.columns:
+        return sheet.set_index("slide_id", drop=False)
     base = path.resolve().parent
     sheet["path"] = [
         str(p if Path(p).is_absolute() else base / p) for p in sheet["path"].str.strip()

@@ -94,7 +94,7 @@ def read_cohort(config: DeployConfig, hierarchy: Hierarchy) -> pd.DataFrame:
     A label the hierarchy lacks is an error: a typo or another hierarchy would otherwise
     give wrong external metrics; a sheet without labels gives predictions only.
     """
-    sheet = read_slide_sheet(config.sheet, require_labels=False)
+    sheet = read_slide_sheet(config.sheet, require_labels=False, require_paths=False)
     labels = sheet["label"] if "label" in sheet.columns else pd.Series(None, index=sheet.index)
     patients = sheet["patient_id"] if "patient_id" in sheet.columns else sheet["slide_id"]
     fine_labels: list[str | None] = []

@@ -158,8 +158,9 @@ def test_labelled_metrics_agree_with_scikit_learn(trained, tmp_path):
 
 
 def test_unlabelled_sheet_gives_predictions_only(trained, tmp_path):
+    """Nor does it need the slide files: features and ids are enough."""
     sheet = tmp_path / "unlabelled.csv"
-    pd.read_csv(trained["sheet"]).drop(columns=["label"]).to_csv(sheet, index=False)
+    pd.read_csv(trained["sheet"]).drop(columns=["label", "path"]).to_csv(sheet, index=False)
     assert deploy(trained, tmp_path / "out", sheet=sheet) == 0
     predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert predictions["fine_label"].isna().all() and predictions["pred_fine"].notna().all()
