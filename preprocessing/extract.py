@@ -506,6 +506,21 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--patches-dir", type=Path, help="folder of <slide_id>.h5 patches files")
     cohort.add_argument("--out-dir", type=Path, help="folder for <slide_id>.h5/.pt features")
     cohort.add_argument("--strict", action="store_true", help="stop at the first slide that fails")
+    cohort.add_argument(
+        "--slide-ids", nargs="+", help="encode only these slides of the sheet (a workflow shard)"
+    )
+    cohort.add_argument(
+        "--record-failed",
+        action="store_true",
+        help="write an empty features file flagged failed (with the reason) for a slide that "
+        "fails, as for a slide whose patching failed, so that every output exists (a re-run "
+        "tries such a slide again)",
+    )
+    cohort.add_argument(
+        "--failed-list",
+        type=Path,
+        help="CSV of the slides that failed (default: <out-dir>/failed_slides.csv)",
+    )
     parser.add_argument(
         "--weights", help="checkpoint file, or 'random' (tests only); default: download"
     )
@@ -564,8 +579,12 @@ def slide_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> lis
     if args.sheet is None:
         if args.slide is None or args.patches is None or args.out is None:
             parser.error("give SLIDE PATCHES --out F.h5, or --sheet with --patches-dir/--out-dir")
-        if args.patches_dir or args.out_dir or args.strict:
-            parser.error("--patches-dir, --out-dir and --strict go with --sheet")
+        cohort_only = (args.slide_ids, args.record_failed, args.failed_list)
+        if args.patches_dir or args.out_dir or args.strict or any(cohort_only):
+            parser.error(
+                "--patches-dir, --out-dir, --strict, --slide-ids, --record-failed and "
+                "--failed-list go with --sheet"
+            )
         out_pt = None if args.no_pt else (args.out_pt or default_pt_path(args.out))
         slide_id = args.patches.stem
         return [SlideJob(slide_id, args.slide, args.patches, args.out, out_pt)]
@@ -574,6 +593,14 @@ def slide_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> lis
     if args.patches_dir is None or args.out_dir is None:
         parser.error("--sheet needs --patches-dir and --out-dir")
     sheet = read_slide_sheet(args.sheet, require_labels=False)
+    if args.slide_ids:
+        unknown = sorted(set(args.slide_ids) - set(sheet["slide_id"]))
+        if unknown:
+            raise PipelineError(
+                f"{args.sheet}: --slide-ids {', '.join(unknown[:3])} not in the sheet "
+                f"({len(unknown)} unknown)"
+            )
+        sheet = sheet[sheet["slide_id"].isin(args.slide_ids)]
     return [
         SlideJob(
             slide_id,
@@ -673,6 +700,21 @@ def encode_slide(
         if problem is None:
             return f"{patches.slide_id}: {job.out} is already complete and valid; skipped"
         log.warning("%s: existing output is invalid (%s); recomputing", job.out, problem)
+    attrs = _output_attrs(job, spec, record, params, runner)
+    if patches.status != STATUS_OK:
+        reason = str(patches.attrs.get("status_reason", "")) or "no patches"
+        _write_flagged(job, patches, spec, attrs, patches.status, reason, params.dtype)
+        return (
+            f"warning: {job.slide}: patches file is flagged {patches.status} ({reason}); "
+            f"wrote an empty features file {job.out}"
+        )
+    return extract_slide(job, patches, spec, runner.get(), params, attrs, no_progress)
+
+
+def _output_attrs(
+    job: SlideJob, spec: EncoderSpec, record: str, params: ExtractParams, runner: LazyRunner
+) -> dict:
+    """The provenance attributes of a slide's features file."""
     attrs = {
         "encoder": spec.name,
         "weights": record,
@@ -687,17 +729,23 @@ def encode_slide(
     }
     if record == RANDOM_WEIGHTS:  # the features can be made again, bit for bit
         attrs["weights_seed"] = RANDOM_WEIGHTS_SEED
-    if patches.status != STATUS_OK:
-        reason = str(patches.attrs.get("status_reason", "")) or "no patches"
-        attrs.update(status=patches.status, status_reason=reason)
-        empty, no_rows = np.zeros((0, spec.feature_dim), np.float32), np.zeros(0, np.int64)
-        no_coords = np.zeros((0, 2), np.int64)
-        write_features(job.out, job.out_pt, empty, no_coords, no_rows, patches, attrs, params.dtype)
-        return (
-            f"warning: {job.slide}: patches file is flagged {patches.status} ({reason}); "
-            f"wrote an empty features file {job.out}"
-        )
-    return extract_slide(job, patches, spec, runner.get(), params, attrs, no_progress)
+    return attrs
+
+
+def _write_flagged(
+    job: SlideJob,
+    patches: Patches,
+    spec: EncoderSpec,
+    attrs: dict,
+    status: str,
+    reason: str,
+    dtype: str,
+) -> None:
+    """An empty features file flagged `status`, which training reports and leaves out."""
+    attrs = {**attrs, "status": status, "status_reason": reason}
+    empty, no_rows = np.zeros((0, spec.feature_dim), np.float32), np.zeros(0, np.int64)
+    no_coords = np.zeros((0, 2), np.int64)
+    write_features(job.out, job.out_pt, empty, no_coords, no_rows, patches, attrs, dtype)
 
 
 def encode_cohort(
@@ -722,21 +770,46 @@ def encode_cohort(
                 raise
             failed.append((job.slide_id, str(err)))
             line = f"error: {err}"
+            if args.record_failed:
+                line += _record_failure(job, spec, record, params, runner, str(err))
         else:
             unreadable = _failed_for_unreadable_patches(job.out)
             if unreadable:
                 failed.append((job.slide_id, f"{job.slide}: {unreadable}"))
         tqdm.write(line, file=sys.stderr if line.startswith(("error", "warning")) else sys.stdout)
-    failed_csv = args.out_dir / "failed_slides.csv"
+    failed_csv = args.failed_list or args.out_dir / "failed_slides.csv"
     with atomic_outputs(failed_csv) as (temp,):
         table = pd.DataFrame(failed, columns=["slide_id", "reason"])
         table.to_csv(temp, index=False)
     done = len(jobs) - len(failed)
+    if failed and not done:
+        every = f"every one of the {len(jobs)} slides failed, each named above"
+        if not args.record_failed:
+            raise PipelineError(f"{args.sheet}: {every}; listed in {failed_csv}")
+        print(f"warning: {every}; each is recorded as failed", file=sys.stderr)
     summary = f"{done} of {len(jobs)} slides have features in {args.out_dir}"
     if failed:
         summary += f"; {len(failed)} failed, listed in {failed_csv}"
     print(summary)
     return 0
+
+
+def _record_failure(
+    job: SlideJob,
+    spec: EncoderSpec,
+    record: str,
+    params: ExtractParams,
+    runner: LazyRunner,
+    reason: str,
+) -> str:
+    """--record-failed: a flagged empty output for a failed slide; what to add to its line."""
+    try:
+        patches = read_patches(job.patches)
+    except PipelineError:
+        return " (no features file written: its patches file cannot be read)"
+    attrs = _output_attrs(job, spec, record, params, runner)
+    _write_flagged(job, patches, spec, attrs, STATUS_FAILED, reason, params.dtype)
+    return f" (recorded as failed in {job.out})"
 
 
 def extract_slide(

@@ -539,6 +539,43 @@ def test_strict_stops_at_the_first_failing_slide(cohort, weights, capsys):
     assert sorted(p.name for p in cohort["out"].iterdir()) == ["cmu.h5", "cmu.pt"]
 
 
+def test_a_shard_encodes_only_its_slides_and_records_failures_as_flagged_files(
+    cohort, weights, capsys
+):
+    failed_list = cohort["out"].parent / "shard0_failed.csv"
+    argv = cohort_args(cohort, weights, "--slide-ids", "broken", "cmu", "--record-failed")
+    code, stdout, err = run([*argv, "--failed-list", str(failed_list)], capsys)
+    assert code == 0
+    out = cohort["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["broken.h5", "broken.pt", "cmu.h5", "cmu.pt"]
+    data, attrs = read_features(out / "broken.h5")
+    assert data["features"].shape == (0, 512) and attrs["status"] == "failed"
+    assert "unreadable.svs" in attrs["status_reason"] and "level-0 (0, 0)" in attrs["status_reason"]
+    # not a valid output to keep: a re-run tries the slide again
+    problem = validate_features(out / "broken.h5", cohort["patches"] / "broken.h5", ENCODER)
+    assert problem.startswith("0 feature rows + 0 skipped != 3 patches")
+    assert list(pd.read_csv(failed_list)["slide_id"]) == ["broken"]
+    assert "recorded as failed in" in err and "1 of 2 slides have features" in stdout
+
+
+def test_a_shard_whose_every_slide_fails_is_one_line(cohort, weights, capsys):
+    argv = cohort_args(cohort, weights, "--slide-ids", "broken")
+    code, _, err = run(argv, capsys)
+    assert code == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "unreadable.svs" in errors[0]  # the slide, then the shard
+    assert "slides.csv: every one of the 1 slides failed" in errors[1]
+    code, _, err = run([*argv, "--record-failed"], capsys)  # the workflow: recorded, goes on
+    assert code == 0 and "warning: every one of the 1 slides failed" in err
+    assert read_features(cohort["out"] / "broken.h5")[1]["status"] == "failed"
+
+
+def test_unknown_slide_ids_are_one_line(cohort, weights, capsys):
+    code, _, err = run(cohort_args(cohort, weights, "--slide-ids", "cmu", "nobody"), capsys)
+    assert code == 1
+    assert_one_error_line(err, "slides.csv", "--slide-ids nobody not in the sheet")
+
+
 def test_check_validates_every_slide_of_the_sheet(cohort, weights, capsys):
     assert run(cohort_args(cohort, weights), capsys)[0] == 0
     code, stdout, err = run(cohort_args(cohort, weights, "--check"), capsys)
@@ -554,6 +591,7 @@ def test_check_validates_every_slide_of_the_sheet(cohort, weights, capsys):
         ["--sheet", "s.csv", "--out-dir", "o"],
         ["slide.svs", "p.h5"],
         ["slide.svs", "p.h5", "--out", "f.h5", "--strict"],
+        ["slide.svs", "p.h5", "--out", "f.h5", "--slide-ids", "a"],
     ],
 )
 def test_mixing_the_two_modes_is_a_usage_error(argv, capsys):
