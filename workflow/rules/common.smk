@@ -87,13 +87,8 @@ def alternatives(values):
     return "|".join(map(re.escape, map(str, values))) or "(?!)"
 
 
-EXTRACTABLE = re.compile(r"^(resnet50_trunc|uni|stain_texture|timm:[A-Za-z0-9_.-]+)$")
-for _encoder in EXTRACTED_ENCODERS:
-    if not EXTRACTABLE.match(_encoder):
-        raise WorkflowError(
-            f"encoder {_encoder!r} cannot be extracted here (resnet50_trunc, uni, "
-            "stain_texture, timm:<model>); give its features with features.dirs"
-        )
+# An extracted encoder's name is checked by its extraction job against the registry
+# (importing the registry here would cost every DAG build seconds of torch import).
 for _encoder in IMPORTED:
     if _encoder not in ENCODERS:
         raise WorkflowError(
