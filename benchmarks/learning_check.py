@@ -1,21 +1,27 @@
-"""Learning check: HMIL's fine macro AUC beside ABMIL's on a generated hierarchical benchmark.
+"""Learning check: every model at the workflow's default training settings on a grid of
+generated hierarchical cohorts; HMIL beside ABMIL, paired.
 
-    python benchmarks/learning_check.py [--hierarchies bracs tiny] [--seeds 0 1 2 3 4 5]
-        [--folds 4] [--folds-to-run K] [--epochs 20] [--signal 6] [--fine-offset 0.5]
-        [--json OUT]
+    python benchmarks/learning_check.py [--full] [--cells middle ...] [--models hmil abmil ...]
+        [--seeds 0 1 2 3 4] [--folds 3] [--config config/config.yaml] [--json OUT]
 
-Bags come from :mod:`hmil.synthetic_features` with its default witness rate: the fine
-class shows in 2–10 % of a bag's 50–200 instances (1–20 key instances), and fine classes
-of one coarse group differ subtly (``fine_offset``). Default hierarchy: the paper's BRACS
-(7 fine classes in groups of 3, 2, 2); ``tiny`` (2 × 2) is the smallest one with shared
-groups. For each cohort seed the bags are dealt, per class, into K folds; fold k tests on
-part k, validates on part k+1 and trains on the rest (the same DATA_SPLIT.csv for every
-model). Every model is trained by ``hmil.train``'s ``main`` under the same settings and
-seed (the cohort seed), and scored on its test part.
+Training settings come from the ``training`` section of ``--config`` (the shipped
+config/config.yaml by default), turned into ``hmil.train`` flags exactly as the workflow's
+``training_arguments`` does: no per-model or per-cell tuning. Cohorts come from
+:mod:`hmil.synthetic_features` (BRACS hierarchy: 7 fine classes in groups of 3, 2, 2; the
+fine class shows in a few key instances of each bag; fine classes of one group differ
+subtly). Each cell is a cohort recipe; each seed draws a cohort, deals its patients, per
+class, into K parts, and fold k tests on part k, validates on part k+1 and trains on the
+rest, the same DATA_SPLIT.csv for every model. The cohort seed is the training seed, so
+each (cell, seed, fold) is one paired run across models.
 
-Printed per hierarchy: fine macro AUC per seed and fold, per model, and HMIL − ABMIL; the
-mean over runs; the pooled out-of-fold AUC per seed. ``tests/hmil/test_learning_check.py``
-runs a small version (BRACS, same cohort and training settings, fold 0 of 4 seeds).
+Model names: a registered model, or ``hmil:<loss preset>`` for an HMIL ablation
+(``hmil:flat`` is the HMIL architecture on fine CE alone).
+
+Printed per cell: test fine and coarse-from-fine macro-AUC (mean ± SD over runs) per model,
+the paired HMIL − ABMIL difference with a 95 % t-interval, whether the paper's ablation
+ordering (full > each alignment ablation > flat) holds in the means, the share of runs
+flagged by the trainer's learning warnings, and the lowest lr before E/2 as a fraction of
+the peak. ``tests/hmil/test_learning_check.py`` runs a small version of the middle cell.
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import torch
 import yaml
+from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from hmil.hierarchy import Hierarchy
@@ -40,268 +49,354 @@ from hmil.synthetic_features import SyntheticConfig, generate_cohort, write_coho
 from hmil.train import main as train_main
 from hmil.training import load_hierarchy
 
-# Two coarse groups of two fine classes: the smallest hierarchy with fine classes that
-# share a coarse group (the subtle distinction) and groups that differ (the easy one).
-TINY_HIERARCHY = {
-    "name": "tiny",
-    "coarse": ["A", "B"],
-    "fine": {"a1": "A", "a2": "A", "b1": "B", "b2": "B"},
-}
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "config" / "config.yaml"
+HIERARCHY = "bracs"
 
-# The benchmark's difficulty, on top of the generator's defaults (2–10 % key instances of
-# 50–200 per bag): key instances sit 6 noise-σ from the origin, and the fine classes of a
-# group are 0.63·6 ≈ 3.8 σ apart (cosine 0.8 between their means) while groups are
-# orthogonal. With 20 bags per class (10 to train on per fold) ABMIL's fine macro AUC on
-# BRACS lands around 0.9–1.0 for most seeds: learnable, not trivial.
-COHORT = SyntheticConfig(bags_per_class=20, feature_dim=32, signal=6.0, fine_offset=0.5)
+#: training-section keys that become hmil.train flags (as workflow/rules/common.smk
+#: training_arguments passes them); the others (threads, device, ...) place the job.
+TRAINING_FLAGS = (
+    "protocol", "epochs", "batch_bags", "lr", "optimizer", "weight_decay", "scheduler",
+    "warmup_epochs", "lr_floor", "patience", "min_epochs", "dropout", "instance_dropout",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """Trainer options shared by every model of the check (``hmil.train`` flags).
+class Cell:
+    """One cohort recipe of the grid (BRACS hierarchy, 7 fine classes)."""
 
-    The cosine schedule, not the trainer's default ReduceLROnPlateau: the plateau scheduler
-    watches the validation *total* loss, and HMIL's total rises by design as the
-    contrastive weight 1 − α(e) and its scale τ(e)/0.1 grow (here 1.8 → 31 over 20
-    epochs), so it cuts HMIL's lr tenfold every 6 epochs whatever HMIL learns (at lr 1e-4
-    over 60 epochs: 1e-8 by epoch 30), while ABMIL's total is its fine CE. Cosine treats
-    both models alike.
-    """
+    name: str
+    slides: int  # about: bags_per_class = slides // 7
+    feature_dim: int
+    min_instances: int
+    max_instances: int
+    min_key_fraction: float
+    max_key_fraction: float
+    signal: float  # key-instance distance from the origin, in noise SDs
+    fine_offset: float  # fine classes of one group: cosine 1/(1 + offset²) between means
+    slides_per_patient: int = 2
 
-    epochs: int = 20
-    lr: float = 1e-3
-    batch_bags: int = 8
-    patience: int = 20
-    scheduler: str = "cosine"
-
-
-@dataclass
-class CheckResult:
-    """Test fine macro AUC per (seed, fold) and model, and the pooled out-of-fold AUC."""
-
-    models: tuple[str, ...]
-    runs: pd.DataFrame  # columns: seed, fold, <model>...
-    pooled: pd.DataFrame  # columns: seed, <model>...
-    settings: dict = field(default_factory=dict)
-
-    def mean_auc(self, model: str) -> float:
-        return float(self.runs[model].mean())
+    def cohort(self, seed: int) -> SyntheticConfig:
+        return SyntheticConfig(
+            bags_per_class=max(1, self.slides // 7),
+            feature_dim=self.feature_dim,
+            min_instances=self.min_instances,
+            max_instances=self.max_instances,
+            min_key_fraction=self.min_key_fraction,
+            max_key_fraction=self.max_key_fraction,
+            signal=self.signal,
+            fine_offset=self.fine_offset,
+            slides_per_patient=self.slides_per_patient,
+            seed=seed,
+        )
 
 
-def hierarchy_spec(spec: str, directory: Path) -> str:
-    """``--hierarchy`` for hmil.train: ``tiny`` is written as YAML into ``directory``;
-    a preset name or a YAML path is passed on as it is."""
-    if spec != "tiny":
-        return spec
-    path = directory / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY_HIERARCHY, sort_keys=False))
-    return str(path)
+# Fixed before the grid ran (seed 0 of middle and small_d64 served to choose the default
+# protocol's lr and regularisation; nothing was tuned per model or per cell). The middle
+# cell: 300 slides (2 per patient), D = 256, 50–300 instances of which 2–10 % carry the
+# class, key instances 4 noise-SDs out (the generator's default), fine classes of a group
+# at cosine 0.8 (offset 0.5). Weak and strong fine signal move only the fine offset
+# (cosine 0.92 and 0.61); the others move one axis each: fewer key instances, smaller and
+# larger cohorts, other D, larger bags.
+MIDDLE = Cell("middle", 300, 256, 50, 300, 0.02, 0.10, 4.0, 0.5)
+SMALL_D64 = replace(MIDDLE, name="small_d64", slides=150, feature_dim=64)
+# The small grid is what a 2-core CPU trains in about an hour (HMIL ~1–2 s an epoch on
+# the middle cell, ABMIL half that); --full adds the other axes.
+SMALL_GRID = (SMALL_D64, MIDDLE)
+FULL_GRID = (
+    *SMALL_GRID,
+    replace(MIDDLE, name="weak_fine", fine_offset=0.3),
+    replace(MIDDLE, name="strong_fine", fine_offset=0.8),
+    replace(MIDDLE, name="rare_keys", min_key_fraction=0.01, max_key_fraction=0.03),
+    replace(MIDDLE, name="large_600", slides=600),
+    replace(MIDDLE, name="d1024", feature_dim=1024),
+    replace(MIDDLE, name="big_bags", min_instances=500, max_instances=2000),
+)
+CELLS = {cell.name: cell for cell in FULL_GRID}
+SMALL_MODELS = ("hmil", "abmil")
+FULL_MODELS = (
+    "hmil", "abmil", "clam_sb", "transmil", "hmil:no_instance_alignment",
+    "hmil:no_bag_alignment", "hmil:no_contrastive", "hmil:fixed_weights", "hmil:flat",
+)  # fmt: skip
+ALIGNMENT_ABLATIONS = ("hmil:no_instance_alignment", "hmil:no_bag_alignment")
 
 
-def fold_splits(table: pd.DataFrame, folds: int) -> pd.DataFrame:
-    """DATA_SPLIT table: per class, bags (already in random order) dealt round-robin into
-    ``folds`` parts; fold k tests on part k, validates on part k+1, trains on the rest."""
-    if folds < 3:
-        raise ValueError("need at least 3 folds (test, val and train parts)")
-    part = table.groupby("label").cumcount().to_numpy() % folds
+def training_flags(config_path: Path = CONFIG) -> list[str]:
+    """hmil.train flags of the config's training section, as the workflow passes them."""
+    training = (yaml.safe_load(Path(config_path).read_text()) or {}).get("training") or {}
+    flags = []
+    for key in TRAINING_FLAGS:
+        if training.get(key) is not None:
+            flags += [f"--{key.replace('_', '-')}", str(training[key])]
+    return flags
+
+
+def fold_splits(table: pd.DataFrame, folds: int, val_every: int = 5) -> pd.DataFrame:
+    """DATA_SPLIT table, patient-grouped and stratified as hmil.splits makes it: per class,
+    patients (in the cohort's random order) are dealt round-robin into ``folds`` parts;
+    fold k tests on part k, and of the other patients of each class every ``val_every``-th
+    validates (≈ 20 %, the workflow's val_fraction), the rest train."""
+    if folds < 2:
+        raise ValueError("need at least 2 folds")
+    patients = table.drop_duplicates("patient_id").reset_index(drop=True)
+    rank = patients.groupby("label").cumcount().to_numpy()
+    part = dict(zip(patients["patient_id"], rank % folds, strict=True))
+    rank_of = dict(zip(patients["patient_id"], rank, strict=True))
+    patient_part = table["patient_id"].map(part).to_numpy()
+    patient_rank = table["patient_id"].map(rank_of).to_numpy()
     splits = table.copy()
     for fold in range(folds):
+        # rank among this class's non-test patients decides val, so each fold validates
+        # on about 1/val_every of its training patients
+        rest_rank = patient_rank - (patient_rank // folds) - (patient_rank % folds > fold)
+        is_val = (patient_part != fold) & (rest_rank % val_every == val_every - 1)
         splits[f"fold{fold}"] = np.where(
-            part == fold, "test", np.where(part == (fold + 1) % folds, "val", "train")
+            patient_part == fold, "test", np.where(is_val, "val", "train")
         )
     return splits
 
 
-def fine_macro_auc(predictions: pd.DataFrame, hierarchy: Hierarchy) -> float:
-    labels = predictions["fine_label"].map(hierarchy.fine_index).to_numpy()
-    probs = predictions[[f"p_fine_{name}" for name in hierarchy.fine]].to_numpy()
-    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+def macro_auc(predictions: pd.DataFrame, labels: pd.Series, prefix: str, names) -> float:
+    probs = predictions[[f"{prefix}{name}" for name in names]].to_numpy()
+    return float(roc_auc_score(labels.to_numpy(), probs, multi_class="ovr", average="macro"))
 
 
-def run_learning_check(
+def key_attention(out: Path, key_instances: dict[str, np.ndarray], hierarchy) -> dict:
+    """Mean attention mass on the key instances (where the class signal is) over the test
+    bags: of the fine attention row of the true fine class (the only row for flat
+    models), and of the coarse row of the true coarse class (hierarchical models). Chance:
+    the key fraction, 2–10 %."""
+    fine_mass, coarse_mass = [], []
+    with h5py.File(out / "attention.h5", "r") as file:
+        fine_rows = file.attrs.get("fine_attention_rows") == "class"
+        for slide_id in file:
+            fine_label, coarse_label, keys = key_instances[slide_id]
+            group = file[slide_id]
+            fine = group["fine_attention"][()]
+            fine_mass.append(float(fine[fine_label if fine_rows else 0][keys].sum()))
+            if "coarse_attention" in group:
+                coarse_mass.append(float(group["coarse_attention"][()][coarse_label][keys].sum()))
+    return {
+        "fine_key_attention": float(np.mean(fine_mass)),
+        "coarse_key_attention": float(np.mean(coarse_mass)) if coarse_mass else math.nan,
+    }
+
+
+def run_scores(out: Path, hierarchy: Hierarchy) -> dict[str, float]:
+    """Test fine and coarse-from-fine macro-AUC of one run, its best epoch, whether the
+    trainer warned, and its lowest lr before E/2 as a fraction of the peak."""
+    predictions = pd.read_csv(out / "predictions.csv")
+    test = predictions[predictions["split"] == "test"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = pd.read_csv(out / "log.csv")
+    epochs = metrics["config"]["epochs"]
+    first_half = history.loc[history["epoch"] < epochs / 2, "lr"]
+    return {
+        "fine_auc": macro_auc(
+            test, test["fine_label"].map(hierarchy.fine_index), "p_fine_", hierarchy.fine
+        ),
+        "coarse_from_fine_auc": macro_auc(
+            test,
+            test["coarse_label"].map(hierarchy.coarse_index),
+            "p_coarse_from_fine_",
+            hierarchy.coarse,
+        ),
+        "best_epoch": metrics["best_epoch"],
+        "epochs_trained": metrics["epochs_trained"],
+        "warned": bool(metrics.get("learning_warnings")),
+        "min_lr_ratio_first_half": float(first_half.min() / metrics["config"]["lr"]),
+    }
+
+
+def train_one(model: str, root: Path, fold: int, seed: int, flags: list[str], out: Path):
+    name, _, preset = model.partition(":")
+    args = [
+        "--features", str(root / "features"), "--splits", str(root / "DATA_SPLIT.csv"),
+        "--fold", str(fold), "--model", name, "--hierarchy", HIERARCHY, "--out", str(out),
+        "--seed", str(seed), *flags,
+    ]  # fmt: skip
+    if preset:
+        args += ["--loss-preset", preset]
+    if train_main(args) != 0:
+        raise RuntimeError(f"hmil.train failed: {' '.join(args)}")
+
+
+def run_grid(
+    cells: list[Cell],
+    models: list[str],
     seeds: list[int],
     folds: int,
     workdir: Path,
     *,
-    models: tuple[str, ...] = ("hmil", "abmil"),
-    hierarchy: str = "bracs",
-    cohort: SyntheticConfig = COHORT,
-    settings: TrainSettings = TrainSettings(),
+    flags: list[str] | None = None,
     folds_to_run: int | None = None,
     progress: bool = True,
-) -> CheckResult:
-    """Train every model on folds 0..folds_to_run-1 of one generated cohort per seed.
-
-    The cohort seed is also the training seed, so each (seed, fold) is one paired run:
-    same bags, same split, same initial RNG state for every model.
-    """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    hierarchy_arg = hierarchy_spec(hierarchy, workdir)
-    resolved = load_hierarchy(hierarchy_arg)
-    runs, pooled = [], []
-    for seed in seeds:
-        root = workdir / f"seed{seed}"
-        generated = generate_cohort(resolved, replace(cohort, seed=seed))
-        write_cohort(generated, root / "features")
-        fold_splits(generated.table, folds).to_csv(root / "DATA_SPLIT.csv", index=False)
-        test_predictions: dict[str, list[pd.DataFrame]] = {model: [] for model in models}
-        for fold in range(folds_to_run or folds):
-            row = {"seed": seed, "fold": fold}
-            for model in models:
-                started = time.perf_counter()
-                out = root / f"{model}_fold{fold}"
-                code = train_main(
-                    [
-                        "--features", str(root / "features"),
-                        "--splits", str(root / "DATA_SPLIT.csv"),
-                        "--fold", str(fold),
-                        "--model", model,
-                        "--hierarchy", hierarchy_arg,
-                        "--out", str(out),
-                        "--epochs", str(settings.epochs),
-                        "--lr", str(settings.lr),
-                        "--batch-bags", str(settings.batch_bags),
-                        "--patience", str(settings.patience),
-                        "--scheduler", settings.scheduler,
-                        "--seed", str(seed),
-                    ]
-                )  # fmt: skip
-                if code != 0:
-                    raise RuntimeError(f"hmil.train failed for {model}, seed {seed}, fold {fold}")
-                predictions = pd.read_csv(out / "predictions.csv")
-                test = predictions[predictions["split"] == "test"]
-                test_predictions[model].append(test)
-                row[model] = fine_macro_auc(test, resolved)
-                if progress:
-                    print(
-                        f"  seed {seed} fold {fold} {model:<6} fine AUC {row[model]:.3f} "
-                        f"({time.perf_counter() - started:.1f} s)",
-                        flush=True,
-                    )
-            runs.append(row)
-        pooled.append(
-            {"seed": seed}
-            | {
-                model: fine_macro_auc(pd.concat(test_predictions[model]), resolved)
-                for model in models
+    partial: Path | None = None,
+) -> pd.DataFrame:
+    """One row per (cell, seed, fold, model) with the scores of :func:`run_scores` (and
+    :func:`key_attention`); ``partial`` is rewritten with the rows so far after each run,
+    so an interrupted grid still leaves its results."""
+    flags = training_flags() if flags is None else flags
+    hierarchy = load_hierarchy(HIERARCHY)
+    rows = []
+    for cell in cells:
+        for seed in seeds:
+            root = Path(workdir) / cell.name / f"seed{seed}"
+            generated = generate_cohort(hierarchy, cell.cohort(seed))
+            write_cohort(generated, root / "features")
+            fold_splits(generated.table, folds).to_csv(root / "DATA_SPLIT.csv", index=False)
+            keys = {
+                row.slide_id: (
+                    hierarchy.fine_index(row.label),
+                    hierarchy.coarse_index(row.coarse_label),
+                    key,
+                )
+                for row, key in zip(
+                    generated.table.itertuples(), generated.key_instances, strict=True
+                )
             }
-        )
-    return CheckResult(
-        models=tuple(models),
-        runs=pd.DataFrame(runs),
-        pooled=pd.DataFrame(pooled),
-        settings={"cohort": asdict(cohort), "train": asdict(settings), "hierarchy": hierarchy},
-    )
+            for fold in range(folds_to_run or folds):
+                for model in models:
+                    started = time.perf_counter()
+                    out = root / f"{model.replace(':', '-')}_fold{fold}"
+                    train_one(model, root, fold, seed, flags, out)
+                    row = {"cell": cell.name, "seed": seed, "fold": fold, "model": model}
+                    row |= run_scores(out, hierarchy) | key_attention(out, keys, hierarchy)
+                    row["seconds"] = time.perf_counter() - started
+                    rows.append(row)
+                    if partial is not None:
+                        partial.write_text(json.dumps(rows, indent=1) + "\n")
+                    if progress:
+                        print(
+                            f"  {cell.name} seed {seed} fold {fold} {model:<28} fine "
+                            f"{row['fine_auc']:.3f} coarse {row['coarse_from_fine_auc']:.3f} "
+                            f"best epoch {row['best_epoch']:>3} ({row['seconds']:.0f} s)",
+                            flush=True,
+                        )
+    return pd.DataFrame(rows)
 
 
-def format_result(result: CheckResult) -> str:
-    """The per-run table and the summary, HMIL beside ABMIL (first model minus the last)."""
-    first, last = result.models[0], result.models[-1]
-    runs = result.runs.copy()
-    runs[f"{first}−{last}"] = runs[first] - runs[last]
-    pooled = result.pooled.copy()
-    pooled[f"{first}−{last}"] = pooled[first] - pooled[last]
-    difference = runs[f"{first}−{last}"]
-    lines = ["test fine macro AUC per seed and fold:"]
-    lines += [runs.to_string(index=False, float_format="{:.3f}".format), ""]
-    if len(runs) > len(pooled):  # several folds per seed
-        lines += ["pooled out-of-fold fine macro AUC per seed:"]
-        lines += [pooled.to_string(index=False, float_format="{:.3f}".format), ""]
-    lines += [
-        "mean over runs: "
-        + ", ".join(
-            f"{model} {runs[model].mean():.3f} ± {runs[model].std(ddof=0):.3f}"
-            for model in result.models
-        ),
-        f"{first} − {last}: mean {difference.mean():+.3f}, min {difference.min():+.3f}, "
-        f"max {difference.max():+.3f}; {first} ≥ {last} in {(difference >= 0).sum()} of "
-        f"{len(difference)} runs",
+def paired_difference(runs: pd.DataFrame, first: str, second: str, metric: str) -> dict:
+    """Mean of first − second over paired (cell, seed, fold) runs, with a 95 % t-interval."""
+    wide = runs.pivot_table(index=["cell", "seed", "fold"], columns="model", values=metric)
+    if first not in wide or second not in wide:
+        return {}
+    difference = (wide[first] - wide[second]).dropna()
+    n = len(difference)
+    mean = float(difference.mean())
+    if n < 2:
+        wins = int((difference >= 0).sum())
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n, "wins": wins}
+    half = float(stats.t.ppf(0.975, n - 1) * difference.std(ddof=1) / math.sqrt(n))
+    return {
+        "mean": mean, "low": mean - half, "high": mean + half, "n": n,
+        "wins": int((difference >= 0).sum()),
+    }  # fmt: skip
+
+
+def ablation_ordering(means: pd.Series) -> str:
+    """Whether full > each alignment ablation > flat holds in the means (the paper's)."""
+    if "hmil" not in means or "hmil:flat" not in means:
+        return "n/a"
+    middle = [means[name] for name in ALIGNMENT_ABLATIONS if name in means]
+    chain = [means["hmil"], *middle, means["hmil:flat"]]
+    full_best = all(means["hmil"] > value for value in chain[1:])
+    flat_worst = all(value > means["hmil:flat"] for value in chain[:-1])
+    return "holds" if full_best and flat_worst else "does not hold"
+
+
+def format_grid(runs: pd.DataFrame) -> str:
+    """Markdown table per cell and model, then the paired HMIL − ABMIL lines."""
+    lines = [
+        "| cell | model | runs | fine AUC | coarse-from-fine AUC | warned | "
+        "min lr before E/2 | best epoch (median) | attention on key instances |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    return "\n".join(lines)
+    notes = []
+    for cell, table in runs.groupby("cell", sort=False):
+        grouped = table.groupby("model", sort=False)
+        for model, group in grouped:
+            lines.append(
+                f"| {cell} | {model} | {len(group)} | {group['fine_auc'].mean():.3f} ± "
+                f"{group['fine_auc'].std(ddof=1):.3f} | "
+                f"{group['coarse_from_fine_auc'].mean():.3f} ± "
+                f"{group['coarse_from_fine_auc'].std(ddof=1):.3f} | "
+                f"{int(group['warned'].sum())}/{len(group)} | "
+                f"{group['min_lr_ratio_first_half'].min():.2f} | "
+                f"{group['best_epoch'].median():.0f} | "
+                f"{attention_text(group)} |"
+            )
+        notes.append(cell_summary(cell, table))
+    notes.append(cell_summary("all cells", runs))
+    return "\n".join([*lines, "", *notes])
+
+
+def attention_text(group: pd.DataFrame) -> str:
+    """Mean attention mass on key instances: fine row (and coarse row, hierarchical)."""
+    if "fine_key_attention" not in group:
+        return "–"
+    text = f"{group['fine_key_attention'].mean():.2f}"
+    coarse = group["coarse_key_attention"].mean()
+    return text if math.isnan(coarse) else f"{text} (coarse {coarse:.2f})"
+
+
+def cell_summary(cell: str, table: pd.DataFrame) -> str:
+    parts = []
+    for metric, label in (("fine_auc", "fine"), ("coarse_from_fine_auc", "coarse-from-fine")):
+        difference = paired_difference(table, "hmil", "abmil", metric)
+        if difference:
+            parts.append(
+                f"HMIL − ABMIL {label} {difference['mean']:+.3f} "
+                f"[{difference['low']:+.3f}, {difference['high']:+.3f}] "
+                f"(HMIL ≥ ABMIL in {difference['wins']}/{difference['n']})"
+            )
+    ordering = ablation_ordering(table.groupby("model")["fine_auc"].mean())
+    return f"- {cell}: " + "; ".join(parts) + f"; ablation ordering {ordering}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
-    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--full", action="store_true", help="all cells and models")
+    parser.add_argument("--cells", nargs="+", choices=sorted(CELLS), help="default: small grid")
+    parser.add_argument("--models", nargs="+", help="default: hmil abmil (--full: 9 models)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (--full: 0–4)")
+    parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--folds-to-run", type=int, help="train folds 0..K-1 only (default all)")
-    parser.add_argument("--models", nargs="+", default=["hmil", "abmil"])
-    parser.add_argument(
-        "--hierarchies",
-        nargs="+",
-        default=["bracs", "tiny"],
-        help="each: tiny, a preset name or a YAML",
-    )
-    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
-    parser.add_argument("--lr", type=float, default=TrainSettings.lr)
-    parser.add_argument("--batch-bags", type=int, default=TrainSettings.batch_bags)
-    parser.add_argument("--patience", type=int, default=TrainSettings.patience)
-    parser.add_argument(
-        "--scheduler", choices=("cosine", "plateau"), default=TrainSettings.scheduler
-    )
-    parser.add_argument("--bags-per-class", type=int, default=COHORT.bags_per_class)
-    parser.add_argument("--feature-dim", type=int, default=COHORT.feature_dim)
-    parser.add_argument("--min-instances", type=int, default=COHORT.min_instances)
-    parser.add_argument("--max-instances", type=int, default=COHORT.max_instances)
-    parser.add_argument("--min-key-fraction", type=float, default=COHORT.min_key_fraction)
-    parser.add_argument("--max-key-fraction", type=float, default=COHORT.max_key_fraction)
-    parser.add_argument("--signal", type=float, default=COHORT.signal)
-    parser.add_argument("--fine-offset", type=float, default=COHORT.fine_offset)
+    parser.add_argument("--config", type=Path, default=CONFIG, help="its training section")
     parser.add_argument("--workdir", type=Path, help="keep the cohorts and runs here")
-    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--json", type=Path, help="also write every run's scores here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.disable(logging.WARNING)  # one line per run is enough; hmil.train logs a lot
-    torch.set_num_threads(1)  # tiny matrices: more threads only add overhead
-    cohort = replace(
-        COHORT,
-        bags_per_class=args.bags_per_class,
-        feature_dim=args.feature_dim,
-        min_instances=args.min_instances,
-        max_instances=args.max_instances,
-        min_key_fraction=args.min_key_fraction,
-        max_key_fraction=args.max_key_fraction,
-        signal=args.signal,
-        fine_offset=args.fine_offset,
-    )
-    settings = TrainSettings(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_bags=args.batch_bags,
-        patience=args.patience,
-        scheduler=args.scheduler,
-    )
-    print(f"cohort {asdict(cohort)}\ntraining {asdict(settings)}, {args.folds} folds", flush=True)
+    torch.set_num_threads(1)  # small matrices: more threads only add overhead
+    cells = [CELLS[name] for name in args.cells] if args.cells else (
+        list(FULL_GRID) if args.full else list(SMALL_GRID)
+    )  # fmt: skip
+    models = args.models or list(FULL_MODELS if args.full else SMALL_MODELS)
+    seeds = args.seeds or ([0, 1, 2, 3, 4] if args.full else [0, 1, 2])
+    flags = training_flags(args.config)
+    print(f"training flags (from {args.config}): {' '.join(flags)}", flush=True)
+    print(f"cells: {[asdict(cell) for cell in cells]}", flush=True)
     started = time.perf_counter()
-    results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for hierarchy in args.hierarchies:
-            print(f"\n== hierarchy {hierarchy}", flush=True)
-            results[hierarchy] = run_learning_check(
-                args.seeds,
-                args.folds,
-                (args.workdir or Path(scratch)) / Path(hierarchy).stem,
-                models=tuple(args.models),
-                hierarchy=hierarchy,
-                cohort=cohort,
-                settings=settings,
-                folds_to_run=args.folds_to_run,
-            )
-    for hierarchy, result in results.items():
-        print(f"\n== hierarchy {hierarchy}\n{format_result(result)}")
+        runs = run_grid(
+            cells, models, seeds, args.folds, args.workdir or Path(scratch),
+            flags=flags, folds_to_run=args.folds_to_run,
+            partial=args.json.with_suffix(".partial.json") if args.json else None,
+        )  # fmt: skip
+    print("\n" + format_grid(runs))
     print(f"\n{time.perf_counter() - started:.0f} s")
     if args.json:
         payload = {
-            hierarchy: {
-                "settings": result.settings,
-                "runs": result.runs.to_dict(orient="records"),
-                "pooled": result.pooled.to_dict(orient="records"),
-            }
-            for hierarchy, result in results.items()
+            "flags": flags,
+            "config": str(args.config),
+            "cells": [asdict(cell) for cell in cells],
+            "seeds": seeds,
+            "folds": args.folds,
+            "runs": runs.to_dict(orient="records"),
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
