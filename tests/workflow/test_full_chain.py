@@ -51,10 +51,31 @@ def chain(tmp_path_factory, fixture_slides, run_snakemake):
     shutil.copy(fixture_slides / "unreadable.svs", folder / "cohort" / "broken.svs")
     sheet.loc[len(sheet)] = ["broken", "broken.svs", "P99", "normal"]
     sheet.to_csv(sheet_path, index=False)
-    config = write_config(folder, sheet_path)
+    external = write_external_sheet(folder, sheet, EXTERNAL_SLIDES)
+    config = write_config(
+        folder, sheet_path, deploy=[{"name": "external", "slides": str(external)}]
+    )
     done = run_snakemake(config)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {"folder": folder, "config": config, "results": folder / "results", "sheet": sheet}
+    return {
+        "folder": folder, "config": config, "results": folder / "results", "sheet": sheet,
+        "external": external,
+    }  # fmt: skip
+
+
+EXTERNAL_SLIDES = 3
+
+
+def write_external_sheet(folder: Path, sheet: pd.DataFrame, count: int) -> Path:
+    """A deployment cohort: `count` slides of the training cohort's files under new ids and
+    patients (a second scan of the same glass), labelled."""
+    external = sheet[sheet["slide_id"] != "broken"].head(count).copy()
+    external["slide_id"] = [f"ext_{i}" for i in range(count)]
+    external["patient_id"] = [f"X{i}" for i in range(count)]
+    external["path"] = [str(folder / "cohort" / path) for path in external["path"]]
+    path = folder / f"external_{count}.csv"
+    external.to_csv(path, index=False)
+    return path
 
 
 def test_every_stage_wrote_its_outputs(chain):
@@ -166,3 +187,49 @@ def test_failed_model_runs_are_recorded_unless_strict(chain, run_snakemake, stri
     assert all(expected in line for line in train)
     assert all(("--strict" in line) == strict for line in evaluate)
     assert all(("--on-error record" in line) != strict for line in evaluate)
+
+
+def test_deployment_predicts_the_external_cohort_with_the_fold_ensemble(chain):
+    results = chain["results"]
+    external = pd.read_csv(chain["external"])
+    for model in MODELS:
+        deployed = results / "deploy" / "external" / ENCODER / model
+        predictions = pd.read_csv(deployed / "predictions.csv").set_index("slide_id")
+        assert sorted(predictions.index) == sorted(external["slide_id"])
+        fine = [c.removeprefix("p_fine_") for c in predictions.columns if c.startswith("p_fine_")]
+        for name in fine:
+            folds = [predictions[f"fold{k}_p_fine_{name}"] for k in range(FOLDS)]
+            expected = sum(folds) / FOLDS
+            assert (predictions[f"p_fine_{name}"] - expected).abs().max() < 1e-6
+        summary = json.loads((deployed / "summary.json").read_text())
+        assert summary["folds_used"] == list(range(FOLDS)) and summary["n_labelled"] == 3
+        assert summary["features"]["encoder"] == ENCODER
+        # the heatmaps sit on the deployed slide's tissue: the attention's squares are the
+        # patches of that slide's own tissue grid
+        with h5py.File(deployed / "attention.h5") as attention:
+            for slide in external["slide_id"]:
+                patches = results / "deploy" / "external" / "patches" / f"{slide}.h5"
+                with h5py.File(patches) as grid:
+                    assert (attention[slide]["coords"][()] == grid["coords"][()]).all()
+                    assert (grid["tissue_fraction"][()] >= grid.attrs["min_tissue"]).all()
+                    assert len(grid["coords"]) > 0
+                assert (deployed / "heatmaps" / f"{slide}.png").stat().st_size > 1000
+    comparison = (results / "eval" / "comparison.md").read_text()
+    assert "## External validation" in comparison
+    assert f"external: {ENCODER}/hmil" in comparison
+
+
+def test_adding_an_external_slide_deploys_it_and_trains_nothing(chain, run_snakemake):
+    """A fourth slide on the external sheet: its patching and encoding, the deployments and
+    what reads them; no training, no training-cohort job."""
+    bigger = write_external_sheet(chain["folder"], chain["sheet"], EXTERNAL_SLIDES + 1)
+    config = yaml.safe_load(chain["config"].read_text())
+    config["deploy"] = [{"name": "external", "slides": str(bigger)}]
+    path = chain["folder"] / "bigger_external.yaml"
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(run_snakemake(path, "--dry-run"))
+    deployments = len(MODELS)
+    assert jobs == {
+        "deploy_patch": 1, "deploy_extract_features": 1, "deploy": deployments,
+        "deploy_heatmaps": deployments, "compare": 1, "all": 1, "total": 4 + 2 * deployments,
+    }, jobs  # fmt: skip
