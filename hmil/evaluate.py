@@ -53,7 +53,7 @@ from hmil.eval_metrics import (
     percentile_ci,
 )
 from preprocessing.atomic import atomic_outputs
-from preprocessing.cli import run_cli, setup_logging
+from preprocessing.cli import non_negative_int, run_cli, setup_logging
 from preprocessing.errors import PipelineError
 from preprocessing.provenance import code_version
 from preprocessing.qc import render_failure
@@ -855,7 +855,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples of patients (0: no CI)"
+        "--bootstrap",
+        type=non_negative_int,
+        default=1000,
+        help="bootstrap resamples of patients (0: no CI)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument(
@@ -877,8 +880,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.bootstrap < 0:
-        parser.error("--bootstrap must be ≥ 0")
     if args.name is not None and not re.fullmatch(r"[^/\s]+/[^/\s]+", args.name):
         parser.error(f"--name must be ENCODER/MODEL, got {args.name!r}")
     setup_logging(args.verbose)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hmil.evaluation.deploy import DeployConfig, DeployError, deploy
-from preprocessing.cli import run_cli, setup_logging
+from preprocessing.cli import non_negative_int, run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cohort", default="external", help="cohort name shown in the outputs")
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples of patients (0: no CI)"
+        "--bootstrap",
+        type=non_negative_int,
+        default=1000,
+        help="bootstrap resamples of patients (0: no CI)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument(
@@ -61,8 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.bootstrap < 0:
-        parser.error("--bootstrap must be ≥ 0")
     setup_logging(args.verbose)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DeployError("--device cuda: no CUDA device is available")

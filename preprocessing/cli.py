@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -9,6 +10,17 @@ from collections.abc import Callable
 from preprocessing.errors import PipelineError
 
 log = logging.getLogger("hmil")
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type of a count that may be 0 (e.g. bootstrap resamples: 0 means none)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {number}")
+    return number
 
 
 def setup_logging(verbose: bool = False) -> None:
