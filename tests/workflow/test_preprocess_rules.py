@@ -113,11 +113,7 @@ def test_workflow_passes_lint_and_snakefmt():
             "--snakefile",
             "workflow/Snakefile",
             "--configfile",
-            "config/config.yaml",
-            "--config",
-            f"slides={PROJECT_ROOT / 'tests' / 'data' / 'lint_slides.csv'}",
-            "hierarchy=bracs",
-            "deploy=[]",
+            ".test/config/config.yaml",
         ],
         cwd=PROJECT_ROOT,
         capture_output=True,
@@ -132,6 +128,20 @@ def test_workflow_passes_lint_and_snakefmt():
         text=True,
     )
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_missing_demo_cohort_names_the_command_that_makes_it():
+    """A fresh checkout has no demo/: the shipped config says how to make it."""
+    plan = subprocess.run(
+        [*SNAKEMAKE, "--dry-run", "--snakefile", "workflow/Snakefile",
+         "--config", "slides=demo/no_such_sheet.csv"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert plan.returncode != 0
+    output = plan.stdout + plan.stderr
+    assert "demo/no_such_sheet.csv: slide sheet not found" in output
+    assert "python -m preprocessing.synthetic cohort demo" in output
+    assert "Traceback" not in output
 
 
 def test_demo_cohort_has_labels_patients_and_readable_slides(tmp_path):

@@ -25,10 +25,22 @@ from preprocessing.sheet import read_slide_sheet  # noqa: E402
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
+
+def sheet_hint(path):
+    """What to do about a missing sheet of the shipped demo config, or nothing."""
+    if not str(path).startswith("demo/") or os.path.exists(path):
+        return ""
+    return (
+        "; the demo cohort is made by `python -m preprocessing.synthetic cohort demo` (or"
+        " give your own config with --configfile; `--configfile .test/config/config.yaml`"
+        " lints and dry-runs without slides)"
+    )
+
+
 try:
     SLIDES = read_slide_sheet(config["slides"])
 except SheetError as err:
-    raise WorkflowError(f"slide sheet: {err}") from None
+    raise WorkflowError(f"slide sheet: {err}{sheet_hint(config['slides'])}") from None
 validate(SLIDES, workflow.source_path("../schemas/slides.schema.yaml"))
 
 OUTDIR = config["outdir"].rstrip("/")
@@ -40,7 +52,9 @@ for _cohort, _sheet in DEPLOY_SHEETS.items():
     try:
         DEPLOY[_cohort] = read_slide_sheet(_sheet, require_labels=False)
     except SheetError as err:
-        raise WorkflowError(f"deploy cohort {_cohort!r}: slide sheet: {err}") from None
+        raise WorkflowError(
+            f"deploy cohort {_cohort!r}: slide sheet: {err}{sheet_hint(_sheet)}"
+        ) from None
 DEPLOY_SLIDE_IDS = sorted({s for sheet in DEPLOY.values() for s in sheet.index})
 PREPROCESS = config["preprocessing"]
 FEATURES = config["features"]
