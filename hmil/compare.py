@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="outputs of hmil.predict on labelled cohorts: a second table in --md",
     )  # fmt: skip
     parser.add_argument("--plot", type=Path, help="PNG: fine class AUC per run (grouped bars)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 

@@ -873,7 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--name", help="ENCODER/MODEL (default: from the paths models/{encoder}/{model}/fold{k})"
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 

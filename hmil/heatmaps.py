@@ -606,14 +606,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
     parser.add_argument("--slides-only", nargs="+", metavar="ID", help="draw only these slides")
     parser.add_argument("--thumbnail-size", type=_positive_int, default=1024, help="px")
-    parser.add_argument("--top-k", type=_positive_int, default=16)
+    parser.add_argument(
+        "--top-k", type=_positive_int, default=16, help="patches in each top-attention montage"
+    )
     parser.add_argument("--predictions", type=Path, help="predictions.csv of the same run")
     parser.add_argument(
         "--geojson",
         action="store_true",
         help="also write <slide_id>.geojson: patch tiles with attention measurements (QuPath)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 

@@ -419,9 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("sheet", type=Path, help="slide sheet CSV (slide_id, patient_id, label)")
     parser.add_argument("--folds", type=int, required=True, help="folds (kfold) or repeats")
     parser.add_argument("--out", type=Path, required=True, help="DATA_SPLIT.csv to write")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the split (the split depends on nothing else)"
+    )
     parser.add_argument("--hierarchy", help="hierarchy YAML or preset name (checks labels)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="kfold")
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="kfold",
+        help="kfold: patient-grouped stratified k-fold; repeated: the paper's random 80/10/10",
+    )  # fmt: skip
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -441,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="also write the folds in CLAM's layout here (splits_{k}.csv, _bool, _descriptor)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 

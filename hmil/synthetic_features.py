@@ -195,9 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hierarchy", required=True, help="hierarchy YAML")
     parser.add_argument("--out", required=True, help="features directory to write")
     parser.add_argument("--table", help="slide table CSV (default: OUT/slides.csv)")
-    parser.add_argument("--bags-per-class", type=int, default=SyntheticConfig.bags_per_class)
-    parser.add_argument("--feature-dim", type=int, default=SyntheticConfig.feature_dim)
-    parser.add_argument("--seed", type=int, default=SyntheticConfig.seed)
+    parser.add_argument(
+        "--bags-per-class", type=int, default=SyntheticConfig.bags_per_class,
+        help="bags (slides) per fine class",
+    )  # fmt: skip
+    parser.add_argument(
+        "--feature-dim", type=int, default=SyntheticConfig.feature_dim, help="feature dimension D"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=SyntheticConfig.seed, help="same seed, same cohort"
+    )
     args = parser.parse_args(argv)
     try:
         hierarchy = Hierarchy.from_yaml(args.hierarchy)

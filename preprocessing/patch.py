@@ -297,13 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--geojson", type=Path, help="tissue polygons, level-0 px (QuPath)")
     parser.add_argument("--slide-id", help="id recorded in the outputs (default: file stem)")
     parser.add_argument("--mpp", type=_positive, help="level-0 µm/px; overrides the metadata")
-    parser.add_argument("--target-mpp", type=_positive, default=defaults.target_mpp)
+    parser.add_argument(
+        "--target-mpp", type=_positive, default=defaults.target_mpp,
+        help="µm/px of the patches given to the encoder (0.5 ≈ 20×)",
+    )  # fmt: skip
     parser.add_argument(
         "--patch-size", type=int, default=defaults.patch_size, help="px at target mpp"
     )
-    parser.add_argument("--min-tissue", type=_fraction, default=defaults.min_tissue)
-    parser.add_argument("--overlap", type=_fraction, default=defaults.overlap)
-    parser.add_argument("--seg-mpp", type=_positive, default=tissue.seg_mpp)
+    parser.add_argument(
+        "--min-tissue", type=_fraction, default=defaults.min_tissue,
+        help="keep a patch when at least this fraction of it is tissue",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overlap", type=_fraction, default=defaults.overlap,
+        help="fraction of a patch shared with its neighbour (0 ≤ overlap < 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seg-mpp", type=_positive, default=tissue.seg_mpp,
+        help="µm/px at which tissue is segmented",
+    )  # fmt: skip
     parser.add_argument(
         "--threshold", type=_threshold, default=None, help="'otsu' (default) or saturation 0-255"
     )
@@ -317,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fail",
         help="fail: exit 1 on a bad slide (default); record: write flagged outputs and exit 0",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
