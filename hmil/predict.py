@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from hmil.evaluation.deploy import DeployConfig, DeployError, deploy
+from hmil.evaluation.deploy import deploy
+from hmil.evaluation.deploy_inputs import DeployConfig, DeployError
 from preprocessing.cli import non_negative_int, run_cli, setup_logging
 
 

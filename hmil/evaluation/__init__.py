@@ -1,9 +1,12 @@
-"""Using trained runs again: loading a run's fold models and applying them to new slides.
+"""Evaluation and deployment: what is read back from trained runs and reported about them.
 
-Deployment (``python -m hmil.predict``) lives here: :mod:`~hmil.evaluation.fold_models`
-reads the k fold models of one encoder × model, :mod:`~hmil.evaluation.ensemble` averages
-their probabilities and attention per slide (pure torch), and
-:mod:`~hmil.evaluation.deploy` applies them to a slide sheet and writes predictions,
-attention and, for a labelled sheet, the same metrics as cross-validation
-(:mod:`hmil.evaluate`, which is to move into this package).
+Cross-validation (``python -m hmil.evaluate``): :mod:`~hmil.evaluation.runs` reads each
+fold's test predictions, :mod:`~hmil.evaluation.summary` computes per-fold, pooled and
+bootstrapped metrics, :mod:`~hmil.evaluation.report` writes them as Markdown and JSON and
+:mod:`~hmil.evaluation.outputs` puts every table and plot in place together.
+Deployment (``python -m hmil.predict``): :mod:`~hmil.evaluation.fold_models` loads a run's
+fold models, :mod:`~hmil.evaluation.ensemble` averages their probabilities and attention
+per slide, :mod:`~hmil.evaluation.deploy_inputs` checks the cohort and its features
+against the training record, and :mod:`~hmil.evaluation.deploy` predicts and writes,
+reusing the cross-validation metrics for a labelled cohort.
 """

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,142 +25,47 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from hmil import evaluate as cv
 from hmil.bags import (
     BagError,
-    find_feature_file,
-    flagged_reason,
     load_bag_features,
-    read_bag_shape,
+)
+from hmil.evaluation.deploy_inputs import (
+    Cohort,
+    DeployConfig,
+    DeployError,
+    locate_features,
+    read_cohort,
 )
 from hmil.evaluation.ensemble import BagEnsemble, ensemble_bag
 from hmil.evaluation.fold_models import FoldModel, UnusableFold, load_fold_models
-from hmil.feature_record import read_feature_record, record_mismatch
-from hmil.hierarchy import Hierarchy, HierarchyError
+from hmil.evaluation.outputs import (
+    write_outputs,
+)
+from hmil.evaluation.report import (
+    json_safe,
+    summary_json,
+    summary_markdown,
+)
+from hmil.evaluation.runs import (
+    REQUIRED_COLUMNS,
+    Classes,
+    Fold,
+    MissingFold,
+    fold_number_from_path,
+    run_identity,
+)
+from hmil.evaluation.summary import (
+    Evaluation,
+    evaluate,
+    per_class_table,
+    summary_rows,
+)
 from preprocessing.atomic import atomic_outputs
-from preprocessing.errors import PipelineError
 from preprocessing.provenance import code_version
-from preprocessing.sheet import read_slide_sheet
 
 log = logging.getLogger("hmil.predict")
 
 SPLIT = "deploy"  #: the `split` value of every row of a deployment's predictions.csv
-
-
-class DeployError(PipelineError):
-    """Deployment cannot run as asked (wrong features, unknown label, nothing to predict)."""
-
-
-@dataclass(frozen=True)
-class DeployConfig:
-    """Everything a deployment needs; built once from the command line."""
-
-    run_dirs: tuple[Path, ...]
-    sheet: Path
-    features_dir: Path
-    out: Path
-    cohort: str = "external"
-    bootstrap: int = 1000
-    seed: int = 0
-    strict: bool = False
-    device: str = "cpu"
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "cohort": self.cohort,
-            "sheet": str(self.sheet),
-            "features_dir": str(self.features_dir),
-            "run_dirs": [str(d) for d in self.run_dirs],
-            "bootstrap": self.bootstrap,
-            "seed": self.seed,
-            "strict": self.strict,
-        }
-
-
-@dataclass
-class Cohort:
-    """The sheet's slides with their feature files, and the ones that cannot be used."""
-
-    slides: pd.DataFrame  #: slide_id, patient_id, fine_label (None when unlabelled), path
-    failed: dict[str, str] = field(default_factory=dict)  #: slide_id → reason
-
-
-# ---- inputs ----------------------------------------------------------------------------------
-
-
-def read_cohort(config: DeployConfig, hierarchy: Hierarchy) -> pd.DataFrame:
-    """slide_id, patient_id and fine_label (None where the sheet gives none) of the sheet.
-
-    A label the hierarchy lacks is an error: a typo or another hierarchy would otherwise
-    give wrong external metrics; a sheet without labels gives predictions only.
-    """
-    sheet = read_slide_sheet(config.sheet, require_labels=False, require_paths=False)
-    labels = sheet["label"] if "label" in sheet.columns else pd.Series(None, index=sheet.index)
-    patients = sheet["patient_id"] if "patient_id" in sheet.columns else sheet["slide_id"]
-    fine_labels: list[str | None] = []
-    for slide_id, label in labels.items():
-        if label is None or pd.isna(label) or not str(label).strip():
-            fine_labels.append(None)
-            continue
-        try:
-            fine_labels.append(hierarchy.fine[hierarchy.fine_index(label)])
-        except HierarchyError as error:
-            raise DeployError(
-                f"{config.sheet}: slide {slide_id!r}: {error}; the models predict the classes "
-                "of their training hierarchy (leave `label` empty to predict only)"
-            ) from None
-    return pd.DataFrame(
-        {
-            "slide_id": sheet["slide_id"].astype(str).to_list(),
-            "patient_id": patients.fillna(sheet["slide_id"]).astype(str).to_list(),
-            "fine_label": fine_labels,
-        }
-    )
-
-
-def locate_features(config: DeployConfig, slides: pd.DataFrame, models: list[FoldModel]) -> Cohort:
-    """The slides' feature files, checked against the models' training features.
-
-    A missing or flagged file fails that slide only; features made another way fail the
-    deployment (every slide would be wrong, so nothing is written).
-    """
-    trained = models[0].features
-    paths, failed = [], {}
-    for slide_id in slides["slide_id"]:
-        try:
-            path = find_feature_file(config.features_dir, slide_id)
-        except BagError:
-            failed[slide_id] = f"no feature file {config.features_dir / slide_id}.h5 (or .pt)"
-            paths.append(None)
-            continue
-        reason = flagged_reason(path)
-        if reason is not None:
-            failed[slide_id] = f"{path}: flagged features ({reason})"
-            paths.append(None)
-            continue
-        mismatch = record_mismatch(trained, read_feature_record(path))
-        if mismatch is not None:
-            raise DeployError(
-                f"{path}: {mismatch} ({models[0].run_dir / 'model.pt'}); patch and encode "
-                "the deployed cohort with the training cohort's settings"
-            )
-        _, dim = read_bag_shape(path, slide_id)
-        if dim != models[0].in_dim:
-            raise DeployError(
-                f"{path}: {dim}-d features but the models take {models[0].in_dim}-d ones "
-                "(features of another encoder?)"
-            )
-        paths.append(path)
-    if len(failed) == len(slides):
-        raise DeployError(
-            f"{config.features_dir}: holds usable features of none of the {len(slides)} "
-            f"slides of {config.sheet} (first: {next(iter(failed.values()))})"
-        )
-    if failed and config.strict:
-        slide_id, reason = next(iter(failed.items()))
-        raise DeployError(f"slide {slide_id!r}: {reason} (strict: every slide must be usable)")
-    slides = slides.assign(path=paths)
-    return Cohort(slides=slides[slides["path"].notna()].reset_index(drop=True), failed=failed)
 
 
 # ---- prediction ------------------------------------------------------------------------------
@@ -242,7 +147,7 @@ def fold_view(table: pd.DataFrame, prefix: str) -> pd.DataFrame:
     """The labelled rows with the probability columns of one fold (``fold{k}_``) or of the
     ensemble (``""``) under training's names, as hmil.evaluate reads them."""
     labelled = table[table["fine_label"].notna()]
-    ids = labelled[list(cv.REQUIRED_COLUMNS)].reset_index(drop=True)
+    ids = labelled[list(REQUIRED_COLUMNS)].reset_index(drop=True)
     columns = [c for c in table.columns if c.startswith(f"{prefix}p_")]
     values = labelled[columns].reset_index(drop=True)
     values.columns = [c.removeprefix(prefix) for c in columns]
@@ -255,24 +160,22 @@ def external_evaluation(
     unusable: list[UnusableFold],
     identity: tuple[str, str],
     params: dict[str, Any],
-) -> cv.Evaluation | None:
+) -> Evaluation | None:
     """Metrics of the labelled slides: each fold model alone (mean ± SD over models) and
     the ensemble (the headline, with its patient bootstrap CI); None without labels."""
     if table.empty or table["fine_label"].notna().sum() == 0:
         return None
     hierarchy = models[0].hierarchy
-    classes = cv.Classes(tuple(hierarchy.fine), tuple(hierarchy.coarse))
+    classes = Classes(tuple(hierarchy.fine), tuple(hierarchy.coarse))
     has_coarse = bool(table[[f"p_coarse_{c}" for c in hierarchy.coarse]].notna().all().all())
 
-    def as_fold(number: int, run_dir: Path, prefix: str) -> cv.Fold:
-        return cv.Fold(number, run_dir, fold_view(table, prefix), classes, has_coarse)
+    def as_fold(number: int, run_dir: Path, prefix: str) -> Fold:
+        return Fold(number, run_dir, fold_view(table, prefix), classes, has_coarse)
 
     folds = [as_fold(m.fold, m.run_dir, f"fold{m.fold}_") for m in models]
-    missing = [
-        cv.MissingFold(cv.fold_number_from_path(u.run_dir), u.run_dir, u.reason) for u in unusable
-    ]
+    missing = [MissingFold(fold_number_from_path(u.run_dir), u.run_dir, u.reason) for u in unusable]
     ensemble = as_fold(-1, models[0].run_dir.parent, "")
-    return cv.evaluate(folds, missing, identity, params, pooled=ensemble)
+    return evaluate(folds, missing, identity, params, pooled=ensemble)
 
 
 # ---- outputs ---------------------------------------------------------------------------------
@@ -319,16 +222,16 @@ def deploy_summary(
     unusable: list[UnusableFold],
     cohort: Cohort,
     table: pd.DataFrame,
-    evaluation: cv.Evaluation | None,
+    evaluation: Evaluation | None,
 ) -> dict[str, Any]:
     """summary.json: what was deployed, on what, with which folds; and the metrics."""
-    identity = cv.run_identity([m.run_dir for m in models], None)
+    identity = run_identity([m.run_dir for m in models], None)
     summary: dict[str, Any] = {}
     if evaluation is not None:
-        rows = cv.summary_rows(evaluation)
-        summary = cv.summary_json(evaluation, rows, cv.per_class_table(evaluation))
+        rows = summary_rows(evaluation)
+        summary = summary_json(evaluation, rows, per_class_table(evaluation))
     labelled = int(table["fine_label"].notna().sum()) if not table.empty else 0
-    return cv.json_safe(
+    return json_safe(
         {
             **summary,
             "name": f"{config.cohort}: {'/'.join(identity)}",
@@ -350,7 +253,7 @@ def deploy_summary(
 
 
 def missing_record(fold: UnusableFold) -> dict[str, Any]:
-    number = cv.fold_number_from_path(fold.run_dir)
+    number = fold_number_from_path(fold.run_dir)
     return {"fold": number, "run_dir": str(fold.run_dir), "reason": fold.reason}
 
 
@@ -360,7 +263,7 @@ def write_deployment(
     unusable: list[UnusableFold],
     cohort: Cohort,
     results: dict[str, BagEnsemble],
-    evaluation: cv.Evaluation | None,
+    evaluation: Evaluation | None,
 ) -> pd.DataFrame:
     """predictions.csv, attention.h5, failed_slides.csv, summary.json/.md, renamed into
     ``out`` together; with labels, hmil.evaluate's tables and plots beside them."""
@@ -373,7 +276,7 @@ def write_deployment(
     out = config.out
     if evaluation is not None:
         # the metric tables and plots first: summary.json (the rule's output) lands last
-        cv.write_outputs(evaluation, out)
+        write_outputs(evaluation, out)
     names = ("predictions.csv", "attention.h5", "failed_slides.csv", "summary.md", "summary.json")
     with atomic_outputs(*(out / n for n in names)) as temps:
         predictions_tmp, attention_tmp, failed_tmp, markdown_tmp, summary_tmp = temps
@@ -385,11 +288,11 @@ def write_deployment(
     return table
 
 
-def deploy_markdown(summary: dict[str, Any], evaluation: cv.Evaluation | None) -> str:
+def deploy_markdown(summary: dict[str, Any], evaluation: Evaluation | None) -> str:
     """summary.md: the cross-validation summary's tables for the ensemble, or, without
     labels, what was predicted."""
     if evaluation is not None:
-        text = cv.summary_markdown(evaluation, cv.summary_rows(evaluation))
+        text = summary_markdown(evaluation, summary_rows(evaluation))
     else:
         text = (
             f"# Deployment: {summary['name']}\n\n"
@@ -406,7 +309,7 @@ def deploy_markdown(summary: dict[str, Any], evaluation: cv.Evaluation | None) -
 # ---- the whole deployment --------------------------------------------------------------------
 
 
-def deploy(config: DeployConfig) -> tuple[pd.DataFrame, dict[str, str], cv.Evaluation | None]:
+def deploy(config: DeployConfig) -> tuple[pd.DataFrame, dict[str, str], Evaluation | None]:
     """Run a deployment; returns the predictions table, the failed slides and the metrics."""
     device = torch.device(config.device)
     models, unusable = load_fold_models(list(config.run_dirs), device, config.strict)
@@ -414,7 +317,7 @@ def deploy(config: DeployConfig) -> tuple[pd.DataFrame, dict[str, str], cv.Evalu
     cohort = locate_features(config, slides, models)
     results = predict_cohort(cohort, models, device, config.strict)
     table = prediction_rows(cohort, results, models)
-    identity = cv.run_identity([m.run_dir for m in models], None)
+    identity = run_identity([m.run_dir for m in models], None)
     params = {"bootstrap": config.bootstrap, "seed": config.seed, "strict": config.strict}
     evaluation = external_evaluation(table, models, unusable, identity, params)
     table = write_deployment(config, models, unusable, cohort, results, evaluation)
