@@ -14,21 +14,22 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from hmil.heatmaps import (
+from hmil.evaluation.attention_maps import (
+    attention_to_heatmap,
+    choose_row,
+    overlay,
+    rank_normalise,
+)
+from hmil.evaluation.heatmap_figures import (
     MAX_TILE,
     MONTAGE_TITLE_BAND,
     TILE_PAD,
-    attention_to_heatmap,
-    choose_row,
     heatmap_figure_size,
-    main,
     montage_figure_size,
-    overlay,
-    rank_normalise,
-    read_patch_geometry,
-    read_slide_attention,
     read_thumbnail,
 )
+from hmil.evaluation.heatmap_inputs import read_patch_geometry, read_slide_attention
+from hmil.heatmaps import main
 from preprocessing import patch
 from preprocessing.cli import run_cli
 from preprocessing.slide import open_slide

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from hmil.qupath import (
+from hmil.evaluation.qupath import (
     OBJECT_TYPE,
     attention_measurements,
     patch_squares,
