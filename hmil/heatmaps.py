@@ -14,13 +14,12 @@ the report of a large cohort small.
 
 ``--geojson`` also writes ``<out>/<slide_id>.geojson`` for QuPath
 (:mod:`hmil.evaluation.qupath`): one tile per patch, its level-0 square, with every
-attention row (``attention fine:
-<class>``, ``attention coarse: <class>``) and the within-slide rank of each shown row
-(``attention rank: fine``/``coarse``) as measurements, for *Measure › Show measurement
-maps*. It needs the patch coordinates in attention.h5 (they come from the features file
-the model read); features imported without coordinates give no GeoJSON, with a note in
-the log, because the patches file's grid is not known to be the bag's order. A slide that
-gets a card gets no GeoJSON.
+attention row (``attention fine: <class>``, ``attention coarse: <class>``) and the within-
+slide rank of each shown row (``attention rank: fine``/``coarse``) as measurements, for
+*Measure › Show measurement maps*. It needs the patch coordinates in attention.h5 (they come
+from the features file the model read); features imported without coordinates give no
+GeoJSON, with a note in the log, because the patches file's grid is not known to be the
+bag's order. A slide that gets a card gets no GeoJSON.
 
 Class-wise attention has one row per class: the panel shows the predicted class's row
 (``--predictions``), else the row with the largest maximum, and says which.
