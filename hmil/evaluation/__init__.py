@@ -9,4 +9,8 @@ fold models, :mod:`~hmil.evaluation.ensemble` averages their probabilities and a
 per slide, :mod:`~hmil.evaluation.deploy_inputs` checks the cohort and its features
 against the training record, and :mod:`~hmil.evaluation.deploy` predicts and writes,
 reusing the cross-validation metrics for a labelled cohort.
+Heatmaps (``python -m hmil.heatmaps``): :mod:`~hmil.evaluation.heatmap_inputs` reads the
+attention and patch grid, :mod:`~hmil.evaluation.attention_maps` paints attention over a
+thumbnail (pure numpy), :mod:`~hmil.evaluation.heatmap_figures` draws the figures and
+:mod:`~hmil.evaluation.qupath` writes the patches as QuPath tiles.
 """
