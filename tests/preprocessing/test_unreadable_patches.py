@@ -22,26 +22,47 @@ from preprocessing.synthetic import Ellipse, SlideSpec, write_slide
 ENCODER = "timm:resnet10t"
 
 
-@pytest.fixture(scope="module")
-def damaged(tmp_path_factory):
-    """A 3000 × 2000 px slide (0.5 µm/px, 512 px tiles) with three level-0 tissue tiles
-    garbled, and its patches file."""
-    folder = tmp_path_factory.mktemp("damaged")
-    spec = SlideSpec(width=3000, height=2000, mpp=0.5, regions=(Ellipse(1500, 1000, 1100, 700),))
-    slide = write_slide(folder / "damaged.tiff", spec)
+def garble_level0_tiles(slide, tiles, seed=0) -> None:
+    """Overwrite the JPEG data of level-0 `tiles` ((row, column) pairs) with random bytes."""
     with tifffile.TiffFile(slide) as tiff:
         level0 = tiff.pages[0]
         columns = -(-level0.shape[1] // level0.tilewidth)
-        garbled = [(2, 2), (2, 3), (2, 4)]  # (row, column): under the middle of the tissue
         spans = [
             (level0.dataoffsets[r * columns + c], level0.databytecounts[r * columns + c])
-            for r, c in garbled
+            for r, c in tiles
         ]
-    rng = np.random.default_rng(0)
-    with slide.open("r+b") as file:
+    rng = np.random.default_rng(seed)
+    with open(slide, "r+b") as file:
         for offset, size in spans:
             file.seek(offset)
             file.write(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+
+
+#: A 3000 × 2000 px slide (0.5 µm/px, 512 px tiles) and the level-0 tiles under the middle of
+#: its tissue: about half of its 29 patches touch them.
+DAMAGED_SPEC = SlideSpec(
+    width=3000, height=2000, mpp=0.5, regions=(Ellipse(1500, 1000, 1100, 700),)
+)
+GARBLED_TILES = [(2, 2), (2, 3), (2, 4)]
+#: The same at 6000 × 4000 px: large enough for patching's QC picture to be read from level 1,
+#: so that, as on a real slide, only extraction meets the garbled level-0 tiles.
+LARGE_DAMAGED_SPEC = SlideSpec(
+    width=6000, height=4000, mpp=0.5, regions=(Ellipse(3000, 2000, 2200, 1400),)
+)
+LARGE_GARBLED_TILES = [(3, 4), (3, 5), (3, 6), (3, 7)]
+
+
+def write_damaged_slide(path, large: bool = False):
+    slide = write_slide(path, LARGE_DAMAGED_SPEC if large else DAMAGED_SPEC)
+    garble_level0_tiles(slide, LARGE_GARBLED_TILES if large else GARBLED_TILES)
+    return slide
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """The damaged slide and its patches file."""
+    folder = tmp_path_factory.mktemp("damaged")
+    slide = write_damaged_slide(folder / "damaged.tiff")
     params = PatchParams()
     patches = folder / "damaged.h5"
     write_outputs(patch_slide(slide, params), params, patches, None, None)

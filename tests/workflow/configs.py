@@ -21,6 +21,8 @@ def write_workflow_config(
     config.update(slides=str(sheet), hierarchy=str(sheet.parent / "hierarchy.yaml"))
     config.update(outdir=str(outdir), deploy=[])  # the demo's deployment cohort is not here
     config.update(**top)
+    # One extraction job per slide, as these tests count; test_feature_shards.py runs shards.
+    config["features"]["slides_per_job"] = 1
     for section, changes in (sections or {}).items():
         if section not in SECTIONS:
             raise ValueError(f"unknown config section {section!r}")

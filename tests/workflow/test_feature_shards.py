@@ -1,0 +1,102 @@
+"""features.slides_per_job: extraction jobs of several slides, each slide its own files.
+
+A cohort of three generated slides and one whose level-0 tiles are garbled, in shards of two:
+the damaged slide is recorded as failed (more of its patches unreadable than the config
+allows; count and fraction in degraded_slides.csv) while its shard-mate and the other shard
+complete, and re-running one slide re-runs its shard only.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+
+from preprocessing.synthetic import write_cohort
+from tests.conftest import snakemake_command
+from tests.preprocessing.test_unreadable_patches import write_damaged_slide
+from tests.workflow.configs import write_workflow_config
+
+ENCODER = "stain_texture"
+
+
+def run_in(folder: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The project's snakemake command with `folder` as working directory (its .snakemake)."""
+    command = snakemake_command(config, *extra)
+    command[command.index("--directory") + 1] = str(folder)
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True)
+
+
+def planned_jobs(plan: subprocess.CompletedProcess) -> dict[str, int]:
+    """rule -> job count of a dry run's job table."""
+    output = plan.stdout + plan.stderr
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", output, re.M)}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    sheet_path = write_cohort(
+        folder / "cohort", n_slides=3, width=3000, height=2000, seed=7, slides_per_patient=(1,)
+    )
+    write_damaged_slide(folder / "cohort" / "damaged.tiff", large=True)
+    sheet = pd.read_csv(sheet_path)
+    sheet.loc[len(sheet)] = ["damaged", "damaged.tiff", "P98", sheet.loc[0, "label"]]
+    sheet.to_csv(sheet_path, index=False)
+    # max_unreadable_fraction: the damaged slide loses 8 of its 139 patches (5.8 %)
+    features = {
+        "slides_per_job": 2,
+        "max_unreadable_fraction": 0.05,
+        "workers": 0,
+        "batch_size": 16,
+        "threads": 1,
+    }
+    config = write_workflow_config(
+        folder / "config.yaml",
+        sheet_path,
+        folder / "results",
+        {"features": features},
+        encoders=[ENCODER],
+        models=["abmil"],
+    )
+    target = folder / "results" / "preprocessing" / "degraded_slides.csv"
+    done = run_in(folder, config, str(target))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return {"folder": folder, "config": config, "results": folder / "results", "target": target}
+
+
+@pytest.mark.workflow
+def test_shards_write_every_slide_and_record_the_damaged_one(sharded):
+    results = sharded["results"]
+    features = results / "features" / ENCODER
+    slides = ["slide_000", "slide_001", "slide_002", "damaged"]
+    assert sorted(p.name for p in features.glob("*.h5")) == sorted(f"{s}.h5" for s in slides)
+    assert all((features / f"{slide}.pt").is_file() for slide in slides)
+    logs = results / "logs" / "features" / ENCODER
+    assert sorted(p.name for p in logs.glob("*.log")) == ["shard0.log", "shard1.log"]
+    for slide in slides:
+        with h5py.File(features / f"{slide}.h5") as h5:
+            status, skipped = h5.attrs["status"], int(h5.attrs["n_skipped"])
+        assert (status, skipped > 0) == (("failed", True) if slide == "damaged" else ("ok", False))
+    table = pd.read_csv(sharded["target"])
+    assert list(table["slide_id"]) == ["damaged"] and table.loc[0, "status"] == "failed"
+    assert (table.loc[0, "n_unreadable"], table.loc[0, "n_patches"]) == (8, 139)
+    assert table.loc[0, "unreadable_fraction"] == pytest.approx(8 / 139, abs=1e-4)
+    assert "more than the 5% allowed" in table.loc[0, "status_reason"]
+
+
+@pytest.mark.workflow
+def test_rerunning_one_slide_reruns_its_shard_only(sharded):
+    victim = sharded["results"] / "features" / ENCODER / "slide_002.h5"
+    plan = run_in(
+        sharded["folder"], sharded["config"], "--dry-run", "--forcerun", str(victim),
+        str(sharded["target"]),
+    )  # fmt: skip
+    assert plan.returncode == 0, (plan.stdout + plan.stderr)[-2000:]
+    jobs = planned_jobs(plan)
+    assert jobs.get("extract_features_shard1") == 1 and "extract_features_shard0" not in jobs
+    assert "extract_features" not in jobs and "patch" not in jobs
