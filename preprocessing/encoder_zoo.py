@@ -167,6 +167,7 @@ register(
         },
         feature_dim=2560,
         pretrained="hf-hub:paige-ai/Virchow2",
+        ignored_prefixes=("head.",),
         adapt=ClassTokenAndPatchMean,
     )
 )
@@ -189,6 +190,7 @@ register(
         },
         feature_dim=2560,
         pretrained="hf-hub:paige-ai/Virchow",
+        ignored_prefixes=("head.",),
         adapt=ClassTokenAndPatchMean,
     )
 )
