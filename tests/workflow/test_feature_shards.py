@@ -100,3 +100,25 @@ def test_rerunning_one_slide_reruns_its_shard_only(sharded):
     jobs = planned_jobs(plan)
     assert jobs.get("extract_features_shard1") == 1 and "extract_features_shard0" not in jobs
     assert "extract_features" not in jobs and "patch" not in jobs
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("slides_per_job", [1, 2])
+def test_deployed_cohort_slides_keep_one_job_each(sharded, slides_per_job):
+    """deploy_extract_features inherits extract_features' rule: it must still match the
+    deployed cohort's slides whether the training cohort is sharded or not."""
+    folder = sharded["folder"]
+    external = folder / "external.csv"
+    slide = folder / "cohort" / pd.read_csv(folder / "cohort" / "slides.csv").loc[0, "path"]
+    pd.DataFrame({"slide_id": ["ext_0"], "path": [str(slide)]}).to_csv(external, index=False)
+    config = write_workflow_config(
+        folder / f"deploy_{slides_per_job}.yaml",
+        folder / "cohort" / "slides.csv",
+        sharded["results"],
+        {"features": {"slides_per_job": slides_per_job}},
+        encoders=[ENCODER],
+        models=["abmil"],
+        deploy=[{"name": "external", "slides": str(external)}],
+    )
+    jobs = planned_jobs(run_in(folder, config, "--dry-run"))
+    assert jobs.get("deploy_extract_features") == 1, jobs

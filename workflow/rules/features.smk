@@ -13,11 +13,9 @@ FEATURE_SHARDS = (
 )
 # Rule deploy_extract_features (deploy.smk) inherits extract_features' constraints: the
 # deployed cohorts' slides keep one job each (except an id that is also a training slide's).
-UNSHARDED_SLIDES = (
-    SLIDE_IDS
-    if SLIDES_PER_JOB == 1
-    else [slide for slide in DEPLOY_SLIDE_IDS if slide not in SLIDES.index]
-)
+UNSHARDED_SLIDES = (SLIDE_IDS if SLIDES_PER_JOB == 1 else []) + [
+    slide for slide in DEPLOY_SLIDE_IDS if slide not in SLIDES.index
+]
 
 
 rule extract_features:
