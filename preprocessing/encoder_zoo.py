@@ -117,9 +117,9 @@ def create_unavailable(reason: str):
 
 
 # UNI2-h, ViT-H/14 with 8 register tokens, SwiGLU, 1536-d class token; 224 px at 20×, ImageNet
-# mean/std. Source: the timm_kwargs of the MahmoodLab/UNI2-h model card (also the README of
-# github.com/mahmoodlab/UNI and UNIv2InferenceEncoder in mahmoodlab/TRIDENT
-# trident/patch_encoder_models/load.py).
+# mean/std. Source: the timm_kwargs of the MahmoodLab/UNI2-h model card (gated, read here as
+# quoted by the README of github.com/mahmoodlab/UNI and by UNIv2InferenceEncoder in
+# mahmoodlab/TRIDENT trident/patch_encoder_models/load.py).
 register(
     EncoderSpec(
         name="uni2_h",
@@ -147,9 +147,10 @@ register(
 
 # Virchow2, ViT-H/14 (32 blocks, 1280 wide) with 4 register tokens, SwiGLU; embedding = class
 # token ⊕ mean of the patch tokens (tokens 5:), 2 × 1280 = 2560-d; 224 px, ImageNet mean/std;
-# trained on mixed magnifications, 20× used here. Source: paige-ai/Virchow2 model card and
-# config.json (timm kwargs, "output[:, 0]" and "output[:, 5:]"), arXiv:2408.00738; the same
-# kwargs in Virchow2InferenceEncoder of mahmoodlab/TRIDENT.
+# trained on mixed magnifications, 20× used here. Source: the paige-ai/Virchow2 model card
+# (gated; its create_model call with SwiGLUPacked/SiLU and "output[:, 0]", "output[:, 5:]" as
+# quoted by code that uses it), arXiv:2408.00738, and the kwargs of Virchow2InferenceEncoder
+# in mahmoodlab/TRIDENT load.py.
 register(
     EncoderSpec(
         name="virchow2",
@@ -244,8 +245,9 @@ register(
 # Prov-GigaPath tile encoder: DINOv2 ViT-g with 16 px patches (40 blocks, 1536 wide, SwiGLU
 # from timm's vit_giant_patch14_dinov2), 1536-d class token; 256 px tiles at 0.5 µm/px
 # resized to 256 and centre-cropped to 224 by the card (here: the tile read at 224), ImageNet
-# mean/std. Source: prov-gigapath/prov-gigapath config.json model_args and model card
-# transform; GigaPathInferenceEncoder of mahmoodlab/TRIDENT.
+# mean/std. Source: GigaPathInferenceEncoder of mahmoodlab/TRIDENT load.py (the kwargs it
+# builds for a local checkpoint and the card's Resize 256 / CenterCrop 224 transform); the
+# gated prov-gigapath/prov-gigapath card and config were not readable here.
 register(
     EncoderSpec(
         name="prov_gigapath",
