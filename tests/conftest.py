@@ -28,10 +28,13 @@ def _fixture_dir() -> Path | None:
 FIXTURES = _fixture_dir()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """One torch thread in the test process: tiny models on a shared 2-core machine run
-    faster and steadier (subprocesses, Snakemake jobs included, choose their own)."""
+    faster and steadier (subprocesses, Snakemake jobs included, choose their own).
+    Session-scoped, so that module fixtures (reference features, reference runs) run
+    under it too: features computed with 2 threads differ from 1-thread ones in the last
+    bits on some CPUs, which broke bit-identity tests that compare the two."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
