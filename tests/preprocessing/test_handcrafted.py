@@ -53,4 +53,6 @@ def test_config_schema_accepts_every_registered_encoder():
     pattern = schema["properties"]["encoders"]["items"]["pattern"]
     for name in [*list_encoders(), "timm:vit_small_patch16_224"]:
         assert re.match(pattern, name), name
-    assert not re.match(pattern, "resnet51")
+    # any name may be imported (features.dirs); extraction checks it against the registry
+    for unsafe in ("../uni", "uni net", "uni/v2", ""):
+        assert not re.match(pattern, unsafe), unsafe
