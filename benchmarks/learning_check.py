@@ -317,10 +317,8 @@ def format_grid(runs: pd.DataFrame) -> str:
         grouped = table.groupby("model", sort=False)
         for model, group in grouped:
             lines.append(
-                f"| {cell} | {model} | {len(group)} | {group['fine_auc'].mean():.3f} ± "
-                f"{group['fine_auc'].std(ddof=1):.3f} | "
-                f"{group['coarse_from_fine_auc'].mean():.3f} ± "
-                f"{group['coarse_from_fine_auc'].std(ddof=1):.3f} | "
+                f"| {cell} | {model} | {len(group)} | {mean_sd(group['fine_auc'])} | "
+                f"{mean_sd(group['coarse_from_fine_auc'])} | "
                 f"{int(group['warned'].sum())}/{len(group)} | "
                 f"{group['min_lr_ratio_first_half'].min():.2f} | "
                 f"{group['best_epoch'].median():.0f} | "
@@ -329,6 +327,13 @@ def format_grid(runs: pd.DataFrame) -> str:
         notes.append(cell_summary(cell, table))
     notes.append(cell_summary("all cells", runs))
     return "\n".join([*lines, "", *notes])
+
+
+def mean_sd(values: pd.Series) -> str:
+    """mean ± sample SD, or the value alone for one run."""
+    if len(values) < 2:
+        return f"{values.mean():.3f}"
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
 def attention_text(group: pd.DataFrame) -> str:
