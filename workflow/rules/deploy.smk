@@ -29,6 +29,10 @@ use rule extract_features as deploy_extract_features with:
         pt=f"{OUTDIR}/deploy/{{cohort}}/features/{{encoder}}/{{slide}}.pt",
     log:
         f"{OUTDIR}/logs/deploy/{{cohort}}/features/{{encoder}}/{{slide}}.log",
+    # one job per deployed slide, whatever the training cohort's sharding
+    wildcard_constraints:
+        encoder=alternatives(EXTRACTED_ENCODERS),
+        slide=alternatives(DEPLOY_SLIDE_IDS),
 
 
 rule deploy:

@@ -11,11 +11,9 @@ FEATURE_SHARDS = (
         for start in range(0, len(SLIDE_IDS), SLIDES_PER_JOB)
     ]
 )
-# Rule deploy_extract_features (deploy.smk) inherits extract_features' constraints: the
-# deployed cohorts' slides keep one job each (except an id that is also a training slide's).
-UNSHARDED_SLIDES = (SLIDE_IDS if SLIDES_PER_JOB == 1 else []) + [
-    slide for slide in DEPLOY_SLIDE_IDS if slide not in SLIDES.index
-]
+# The training slides this rule encodes one job each (deploy_extract_features, in
+# deploy.smk, sets its own constraints: deployed slides are never sharded).
+UNSHARDED_SLIDES = SLIDE_IDS if SLIDES_PER_JOB == 1 else []
 
 
 rule extract_features:
