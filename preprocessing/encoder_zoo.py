@@ -151,21 +151,22 @@ register(
 # (gated; its create_model call with SwiGLUPacked/SiLU and "output[:, 0]", "output[:, 5:]" as
 # quoted by code that uses it), arXiv:2408.00738, and the kwargs of Virchow2InferenceEncoder
 # in mahmoodlab/TRIDENT load.py.
+#: ViT-H/14 with SwiGLU as both Virchow models build it (v2 adds 4 register tokens).
+_VIRCHOW_KWARGS = {
+    "img_size": 224,
+    "init_values": 1e-5,
+    "num_classes": 0,
+    "mlp_ratio": 5.3375,
+    "global_pool": "",
+    "dynamic_img_size": True,
+    "mlp_layer": SwiGLUPacked,
+    "act_layer": nn.SiLU,
+}
 register(
     EncoderSpec(
         name="virchow2",
         architecture="vit_huge_patch14_224",
-        timm_kwargs={
-            "img_size": 224,
-            "init_values": 1e-5,
-            "num_classes": 0,
-            "reg_tokens": 4,
-            "mlp_ratio": 5.3375,
-            "global_pool": "",
-            "dynamic_img_size": True,
-            "mlp_layer": SwiGLUPacked,
-            "act_layer": nn.SiLU,
-        },
+        timm_kwargs={**_VIRCHOW_KWARGS, "reg_tokens": 4},
         feature_dim=2560,
         pretrained="hf-hub:paige-ai/Virchow2",
         ignored_prefixes=("head.",),
@@ -179,16 +180,7 @@ register(
     EncoderSpec(
         name="virchow",
         architecture="vit_huge_patch14_224",
-        timm_kwargs={
-            "img_size": 224,
-            "init_values": 1e-5,
-            "num_classes": 0,
-            "mlp_ratio": 5.3375,
-            "global_pool": "",
-            "dynamic_img_size": True,
-            "mlp_layer": SwiGLUPacked,
-            "act_layer": nn.SiLU,
-        },
+        timm_kwargs=_VIRCHOW_KWARGS,
         feature_dim=2560,
         pretrained="hf-hub:paige-ai/Virchow",
         ignored_prefixes=("head.",),
