@@ -31,7 +31,7 @@ from torch.fx.experimental import optimization as fx_optimization
 from tqdm import tqdm
 
 from preprocessing.atomic import atomic_outputs, buffered
-from preprocessing.cli import run_cli, setup_logging
+from preprocessing.cli import non_negative_int, run_cli, setup_logging
 from preprocessing.encoders import (
     RANDOM_WEIGHTS,
     RANDOM_WEIGHTS_SEED,
@@ -481,13 +481,6 @@ def _fraction(value: str) -> float:
     return number
 
 
-def _count(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return number
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m preprocessing.extract",
@@ -527,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, default=64)
     parser.add_argument(
         "--workers",
-        type=_count,
+        type=non_negative_int,
         help="reader processes (default: 1 on CPU; on GPU all CPUs but one, up to 16)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

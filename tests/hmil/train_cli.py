@@ -43,11 +43,11 @@ def write_fold_cohort(
     return {"root": root, "hierarchy": hierarchy_path, "splits": splits_path, "table": table}
 
 
-def one_error_line(capsys, args: list[str]) -> str:
-    """Run `hmil.train` as `python -m` would, expect exit 1 and exactly one `error:` line on
-    stderr; return that line."""
+def one_error_line(capsys, args: list[str], cli=main) -> str:
+    """Run `cli` (default `hmil.train`'s main) as `python -m` would, expect exit 1 and
+    exactly one `error:` line on stderr; return that line."""
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, args)
+        run_cli(cli, args)
     assert exit_info.value.code == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1

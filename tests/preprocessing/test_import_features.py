@@ -18,8 +18,8 @@ from hmil.bags import BagError, flagged_reason, load_bag_features, read_bag_shap
 from hmil.evaluate import main as evaluate_main
 from hmil.synthetic_features import SyntheticConfig
 from hmil.train import main as train_main
-from preprocessing.cli import run_cli
 from preprocessing.import_features import import_cohort, main, patch_geometry
+from tests.hmil import train_cli
 from tests.hmil.train_cli import write_fold_cohort
 from tests.preprocessing.feature_layouts import (
     PATCH_SIZE,
@@ -60,12 +60,7 @@ def predictions(run: Path) -> pd.DataFrame:
 
 
 def one_error_line(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, args)
-    assert exit_info.value.code == 1
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1
-    return lines[0]
+    return train_cli.one_error_line(capsys, args, cli=main)
 
 
 def run_import(cohort, source: Path, out: Path, encoder: str = "conch_v15", *extra: str):
