@@ -127,13 +127,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the settings of the options below that are not given (default: default)",
     )
     parser.add_argument("--epochs", type=int, help="E, also the length of HMIL's schedules")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds every random generator (recorded)"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="torch device to train on"
+    )
     parser.add_argument(
         "--batch-bags", type=int, help="bags per optimiser step (a number of bags, not scaled)"
     )
     parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--optimizer", choices=("adam", "adamw"))
+    parser.add_argument("--optimizer", choices=("adam", "adamw"), help="default: the protocol's")
     parser.add_argument("--weight-decay", type=float, help="adamw: decoupled; adam: L2")
     parser.add_argument(
         "--scheduler",
@@ -196,12 +200,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="when training fails: exit 1 with one error line, or record the failure in "
         "every output (metrics.json status 'failed') and exit 0, so a cohort run goes on",
     )
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="DataLoader processes reading bags"
+    )
     parser.add_argument("--cache", action="store_true", help="keep features in memory")
     parser.add_argument(
         "--stop-after", type=int, default=None, help="end this invocation after N epochs"
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     for name, value in PROTOCOLS[args.protocol].items():
         if getattr(args, name) is None:

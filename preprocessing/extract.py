@@ -517,13 +517,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights", help="checkpoint file, or 'random' (tests only); default: download"
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="patches per forward pass"
+    )
     parser.add_argument(
         "--workers",
         type=non_negative_int,
         help="reader processes (default: 1 on CPU; on GPU all CPUs but one, up to 16)",
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="auto: CUDA when present; cuda is an error where there is none",
+    )  # fmt: skip
     parser.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
@@ -552,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     out_pt.add_argument("--out-pt", type=Path, help="N×D float32 tensor (default: --out with .pt)")
     out_pt.add_argument("--no-pt", action="store_true", help="write no .pt tensor")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
