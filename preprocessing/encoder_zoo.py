@@ -13,6 +13,7 @@ which no maintained package provides.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -193,7 +194,7 @@ register(
 # model card (create_model(..., init_values=1e-5, dynamic_img_size=False), Normalize), its
 # config.json (architecture, global_pool "token", num_features 1536) and
 # preprocessor_config.json (image_mean/image_std).
-register(
+H_OPTIMUS_0 = register(
     EncoderSpec(
         name="h_optimus_0",
         architecture="vit_giant_patch14_reg4_dinov2",
@@ -215,24 +216,7 @@ register(
 # H-optimus-1: H-optimus-0's architecture, input and mean/std, new weights. Source:
 # bioptimus/H-optimus-1 (not readable here: gated), HOptimus1InferenceEncoder of
 # mahmoodlab/TRIDENT (same kwargs and Normalize constants as H-optimus-0).
-register(
-    EncoderSpec(
-        name="h_optimus_1",
-        architecture="vit_giant_patch14_reg4_dinov2",
-        timm_kwargs={
-            "img_size": 224,
-            "init_values": 1e-5,
-            "num_classes": 0,
-            "global_pool": "token",
-            "dynamic_img_size": False,
-        },
-        mean=HOPTIMUS_MEAN,
-        std=HOPTIMUS_STD,
-        feature_dim=1536,
-        pretrained="hf-hub:bioptimus/H-optimus-1",
-        ignored_prefixes=("head.",),
-    )
-)
+register(replace(H_OPTIMUS_0, name="h_optimus_1", pretrained="hf-hub:bioptimus/H-optimus-1"))
 
 # Prov-GigaPath tile encoder: DINOv2 ViT-g with 16 px patches (40 blocks, 1536 wide, SwiGLU
 # from timm's vit_giant_patch14_dinov2), 1536-d class token; 256 px tiles at 0.5 µm/px

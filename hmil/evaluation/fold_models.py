@@ -61,12 +61,11 @@ def load_fold_model(run_dir: Path, device: torch.device) -> FoldModel | Unusable
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         try:
-            status = json.loads(metrics_path.read_text()).get("status")
+            metrics = json.loads(metrics_path.read_text())
         except (OSError, json.JSONDecodeError):
-            status = None
-        if status == "failed":
-            reason = json.loads(metrics_path.read_text()).get("reason", "?")
-            return UnusableFold(run_dir, f"training failed: {reason}")
+            metrics = {}
+        if metrics.get("status") == "failed":
+            return UnusableFold(run_dir, f"training failed: {metrics.get('reason', '?')}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated, foreign or damaged file
