@@ -32,16 +32,21 @@ from pathlib import Path
 import cv2
 import torch
 
-from preprocessing.encoders import EncoderError, build_encoder, list_encoders
 from preprocessing.extract import (
     EncoderRunner,
     default_workers,
     extract_features,
     resolve_device,
 )
+from preprocessing.features.encoders import EncoderError, build_encoder, list_encoders
+from preprocessing.features.patch_dataset import (
+    PatchDataset,
+    iter_batches,
+    patch_loader,
+    read_geometry,
+)
 from preprocessing.patch import PatchParams, patch_slide
-from preprocessing.patch_dataset import PatchDataset, iter_batches, patch_loader, read_geometry
-from preprocessing.slide import open_slide, read_rgb
+from preprocessing.slides.access import open_slide, read_rgb
 from preprocessing.synthetic import two_region_spec, write_slide
 
 WIDTH, HEIGHT, MPP = 16_000, 12_000, 0.5  # ~620 tissue patches of 256 px at 0.5 µm/px

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hmil.losses import HMILLoss, LossConfig
 from hmil.models import create_model
 from hmil.models.mhim import MHIM
+from hmil.training.losses import HMILLoss, LossConfig
 
 OURS = [
     "abmil",

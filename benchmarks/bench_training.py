@@ -82,9 +82,10 @@ def reset_peak_rss() -> bool:
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
-    from hmil.losses import HMILLoss, LossConfig
+    from hmil.data.hierarchy import load_hierarchy
     from hmil.models import create_model
-    from hmil.training import autocast_context, load_hierarchy
+    from hmil.training.loop import autocast_context
+    from hmil.training.losses import HMILLoss, LossConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

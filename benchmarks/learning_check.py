@@ -7,7 +7,7 @@ generated hierarchical cohorts; HMIL beside ABMIL, paired.
 Training settings come from the ``training`` section of ``--config`` (the shipped
 config/config.yaml by default), turned into ``hmil.train`` flags exactly as the workflow's
 ``training_arguments`` does: no per-model or per-cell tuning. Cohorts come from
-:mod:`hmil.synthetic_features` (BRACS hierarchy: 7 fine classes in groups of 3, 2, 2; the
+:mod:`hmil.data.synthetic` (BRACS hierarchy: 7 fine classes in groups of 3, 2, 2; the
 fine class shows in a few key instances of each bag; fine classes of one group differ
 subtly). Each cell is a cohort recipe; each seed draws a cohort, deals its patients, per
 class, into K parts, and fold k tests on part k, validates on part k+1 and trains on the
@@ -44,10 +44,9 @@ import yaml
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from hmil.hierarchy import Hierarchy
-from hmil.synthetic_features import SyntheticConfig, generate_cohort, write_cohort
+from hmil.data.hierarchy import Hierarchy, load_hierarchy
+from hmil.data.synthetic import SyntheticConfig, generate_cohort, write_cohort
 from hmil.train import main as train_main
-from hmil.training import load_hierarchy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "config.yaml"

@@ -24,10 +24,10 @@ from typing import Any
 
 import pandas as pd
 
-from hmil import plots
-from preprocessing.atomic import atomic_outputs
-from preprocessing.cli import run_cli, setup_logging
-from preprocessing.provenance import code_version
+from hmil.evaluation import plots
+from plumbing.atomic import atomic_outputs
+from plumbing.cli import run_cli, setup_logging
+from plumbing.provenance import code_version
 
 log = logging.getLogger("hmil.compare")
 

@@ -16,7 +16,7 @@ uses outside strict mode) writes the same files as a failed evaluation: a ``FAIL
 (:func:`hmil.compare.mark_failed`), summary.json with the reason, and cards in place of the
 figures, so that the comparison still builds and names the failed run.
 
-Metric conventions are those of :mod:`hmil.eval_metrics`:
+Metric conventions are those of :mod:`hmil.evaluation.metrics`:
 AUC is the macro one-vs-rest AUC over the classes present; ± is the sample std over folds
 (ddof = 1); the 95% CI is a percentile bootstrap of the pooled out-of-fold value that
 resamples patients with replacement.
@@ -32,7 +32,7 @@ from hmil.evaluation.outputs import write_failed_outputs, write_outputs
 from hmil.evaluation.report import ci_text, fmt, mean_std_text
 from hmil.evaluation.runs import NoFoldError, load_folds, run_identity
 from hmil.evaluation.summary import evaluate
-from preprocessing.cli import non_negative_int, run_cli, setup_logging
+from plumbing.cli import non_negative_int, run_cli, setup_logging
 
 # ---- command line ----------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@
         [--predictions predictions.csv] [--geojson]
 
 For every slide group of attention.h5 (the test slides of a fold, see
-:func:`hmil.training.write_attention`) it writes ``<out>/<slide_id>.png`` (one panel per
+:func:`hmil.training.loop.write_attention`) it writes ``<out>/<slide_id>.png`` (one panel per
 branch: coarse, then fine; a single panel for single-branch models) and
 ``<out>/<slide_id>_top.jpg`` (the ``top-k`` patches of the fine panel's attention row, read
 from the slide at full patch resolution, with their raw attention). The montage is a
@@ -75,12 +75,12 @@ from hmil.evaluation.heatmap_inputs import (
     read_slide_attention,
 )
 from hmil.evaluation.qupath import attention_measurements, tiles_feature_collection
-from preprocessing.atomic import atomic_outputs
-from preprocessing.cli import run_cli, setup_logging
-from preprocessing.errors import SlideError
-from preprocessing.provenance import code_version
-from preprocessing.sheet import read_slide_sheet
-from preprocessing.slide import open_slide
+from plumbing.atomic import atomic_outputs
+from plumbing.cli import run_cli, setup_logging
+from plumbing.errors import SlideError
+from plumbing.provenance import code_version
+from preprocessing.slides.access import open_slide
+from preprocessing.slides.sheet import read_slide_sheet
 
 log = logging.getLogger("hmil.heatmaps")
 

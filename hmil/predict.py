@@ -24,7 +24,7 @@ import torch
 
 from hmil.evaluation.deploy import deploy
 from hmil.evaluation.deploy_inputs import DeployConfig, DeployError
-from preprocessing.cli import non_negative_int, run_cli, setup_logging
+from plumbing.cli import non_negative_int, run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,13 +50,12 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from hmil.hierarchy import Hierarchy, HierarchyError, label_name
-from hmil.training import load_hierarchy
-from preprocessing.atomic import atomic_outputs
-from preprocessing.cli import run_cli, setup_logging
-from preprocessing.errors import PipelineError
-from preprocessing.provenance import code_version
-from preprocessing.sheet import read_slide_sheet
+from hmil.data.hierarchy import Hierarchy, HierarchyError, label_name, load_hierarchy
+from plumbing.atomic import atomic_outputs
+from plumbing.cli import run_cli, setup_logging
+from plumbing.errors import PipelineError
+from plumbing.provenance import code_version
+from preprocessing.slides.sheet import read_slide_sheet
 
 log = logging.getLogger("hmil.splits")
 

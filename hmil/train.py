@@ -37,22 +37,19 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from hmil.bags import BagDataset, BagError, drop_flagged_slides
-from hmil.feature_record import cohort_feature_record
-from hmil.hierarchy import HierarchyError
-from hmil.losses import TERMS, HMILLoss, LossConfig
+from hmil.data.bags import BagDataset, BagError, drop_flagged_slides
+from hmil.data.feature_record import cohort_feature_record
+from hmil.data.hierarchy import HierarchyError, hierarchy_as_dict, load_hierarchy
 from hmil.models import create_model, list_models
 from hmil.models.mhim import MHIM, TeacherError, load_teacher
-from hmil.training import (
+from hmil.training.loop import (
     TrainConfig,
     TrainingError,
     device_record,
     epoch_loader,
     epoch_log_row,
-    hierarchy_as_dict,
     learning_warnings,
     load_fold_tables,
-    load_hierarchy,
     predict,
     predictions_table,
     restore_rng_states,
@@ -65,10 +62,11 @@ from hmil.training import (
     write_attention,
     write_json,
 )
-from preprocessing.atomic import atomic_outputs, buffered, output_errors
-from preprocessing.cli import run_cli, setup_logging
-from preprocessing.errors import PipelineError
-from preprocessing.provenance import code_version
+from hmil.training.losses import TERMS, HMILLoss, LossConfig
+from plumbing.atomic import atomic_outputs, buffered, output_errors
+from plumbing.cli import run_cli, setup_logging
+from plumbing.errors import PipelineError
+from plumbing.provenance import code_version
 
 log = logging.getLogger("hmil.train")
 

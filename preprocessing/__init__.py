@@ -1,5 +1,5 @@
 """Slide access, tissue segmentation, patching and synthetic slides."""
 
-from preprocessing.provenance import __version__, code_version
+from plumbing.provenance import __version__, code_version
 
 __all__ = ["__version__", "code_version"]

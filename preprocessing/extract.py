@@ -1,7 +1,7 @@
 """Encode a slide's patches into features (`python -m preprocessing.extract`).
 
 Reads the patches h5 of `preprocessing.patch`, runs the patches through a registered
-encoder (`preprocessing.encoders`) and writes the features h5 plus a per-slide `.pt`
+encoder (`preprocessing.features.encoders`) and writes the features h5 plus a per-slide `.pt`
 tensor, together and atomically. The features h5 holds `features` (N×D, float32 by
 default: exact and what MIL training reads; `--dtype float16` halves the disk size) and
 `coords` (N×2 int64, the patches' order), the patching attributes and the provenance.
@@ -30,9 +30,11 @@ from torch import nn
 from torch.fx.experimental import optimization as fx_optimization
 from tqdm import tqdm
 
-from preprocessing.atomic import atomic_outputs, buffered
-from preprocessing.cli import non_negative_int, run_cli, setup_logging
-from preprocessing.encoders import (
+from plumbing.atomic import atomic_outputs, buffered
+from plumbing.cli import non_negative_int, run_cli, setup_logging
+from plumbing.errors import OutputError, PipelineError, SlideError
+from plumbing.provenance import code_version
+from preprocessing.features.encoders import (
     RANDOM_WEIGHTS,
     RANDOM_WEIGHTS_SEED,
     EncoderError,
@@ -41,17 +43,15 @@ from preprocessing.encoders import (
     get_encoder_spec,
     weights_record,
 )
-from preprocessing.errors import OutputError, PipelineError, SlideError
-from preprocessing.patch_dataset import (
+from preprocessing.features.patch_dataset import (
     PatchDataset,
     ReadGeometry,
     iter_batches,
     patch_loader,
     read_geometry,
 )
-from preprocessing.provenance import code_version
-from preprocessing.sheet import read_slide_sheet
-from preprocessing.slide import open_slide
+from preprocessing.slides.access import open_slide
+from preprocessing.slides.sheet import read_slide_sheet
 
 log = logging.getLogger("hmil.extract")
 

@@ -5,7 +5,7 @@ the HMIL authors' layout. This module finds each slide of a sheet in such a fold
 the features, and writes the workflow's ``<out-dir>/<slide_id>.h5`` as a *thin* file: HDF5
 external links to the source's ``features`` and ``coords`` plus the attributes the pipeline
 reads (``encoder``, ``weights``, ``feature_dim``, ``status``, the patch geometry). A ``.pt``
-source is named by the attribute ``features_pt``, which `hmil.bags` follows. A cohort's
+source is named by the attribute ``features_pt``, which `hmil.data.bags` follows. A cohort's
 features are never copied a second time; the source folder must stay where it is.
 
 Layouts, detected per slide in this order (h5 first: only h5 files carry coordinates):
@@ -42,11 +42,11 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from preprocessing.atomic import atomic_outputs, buffered
-from preprocessing.cli import run_cli, setup_logging
-from preprocessing.errors import PipelineError
-from preprocessing.provenance import code_version
-from preprocessing.sheet import read_slide_sheet
+from plumbing.atomic import atomic_outputs, buffered
+from plumbing.cli import run_cli, setup_logging
+from plumbing.errors import PipelineError
+from plumbing.provenance import code_version
+from preprocessing.slides.sheet import read_slide_sheet
 
 log = logging.getLogger("hmil.import_features")
 
@@ -338,7 +338,7 @@ def check_dimensions(slides: list[SlideImport], expected: int | None, encoder: s
 def registered_dimension(encoder: str) -> int | None:
     """D of the project's own encoder of that name, or None for a name it does not know."""
     try:
-        from preprocessing.encoders import get_encoder_spec
+        from preprocessing.features.encoders import get_encoder_spec
 
         return get_encoder_spec(encoder).feature_dim
     except PipelineError:

@@ -18,14 +18,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from preprocessing.atomic import atomic_outputs, buffered
-from preprocessing.cli import run_cli, setup_logging
-from preprocessing.errors import PipelineError, SlideError
-from preprocessing.grid import PatchGrid, patch_grid
-from preprocessing.provenance import code_version
-from preprocessing.qc import qc_mpp, render_failure, render_qc, write_png
-from preprocessing.slide import Mpp, best_level_for_mpp, open_slide, read_at_mpp, resolve_mpp
-from preprocessing.tissue import (
+from plumbing.atomic import atomic_outputs, buffered
+from plumbing.cli import run_cli, setup_logging
+from plumbing.errors import PipelineError, SlideError
+from plumbing.provenance import code_version
+from preprocessing.slides.access import (
+    Mpp,
+    best_level_for_mpp,
+    open_slide,
+    read_at_mpp,
+    resolve_mpp,
+)
+from preprocessing.slides.grid import PatchGrid, patch_grid
+from preprocessing.slides.qc import qc_mpp, render_failure, render_qc, write_png
+from preprocessing.slides.tissue import (
     TissueParams,
     TissueSegmentation,
     polygons_to_geojson,

@@ -25,9 +25,9 @@ import tifffile
 import yaml
 from tqdm import tqdm
 
-from preprocessing.atomic import atomic_outputs
-from preprocessing.cli import run_cli, setup_logging
-from preprocessing.grid import grid_axis
+from plumbing.atomic import atomic_outputs
+from plumbing.cli import run_cli, setup_logging
+from preprocessing.slides.grid import grid_axis
 
 BACKGROUND_RGB = (243, 242, 240)
 

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from hmil.bags import (
+from hmil.data.bags import (
     BagError,
     load_bag_features,
 )
@@ -60,8 +60,8 @@ from hmil.evaluation.summary import (
     per_class_table,
     summary_rows,
 )
-from preprocessing.atomic import atomic_outputs
-from preprocessing.provenance import code_version
+from plumbing.atomic import atomic_outputs
+from plumbing.provenance import code_version
 
 log = logging.getLogger("hmil.predict")
 
@@ -183,7 +183,7 @@ def external_evaluation(
 
 @dataclass
 class FeatureFiles:
-    """Slide ids and feature paths in the shape :func:`hmil.training.write_attention` reads."""
+    """Slide ids and feature paths in the shape :func:`hmil.training.loop.write_attention` reads."""
 
     slide_ids: list[str]
     paths: list[Path]
@@ -191,8 +191,8 @@ class FeatureFiles:
 
 def write_attention(path: Path, cohort: Cohort, results: dict[str, BagEnsemble], models) -> None:
     """attention.h5 of the ensemble, in the layout of a fold's (hmil.heatmaps reads both)."""
-    from hmil.training import SlidePredictions
-    from hmil.training import write_attention as write_fold_attention
+    from hmil.training.loop import SlidePredictions
+    from hmil.training.loop import write_attention as write_fold_attention
 
     slide_ids = [s for s in cohort.slides["slide_id"] if s in results]
     paths = dict(zip(cohort.slides["slide_id"], cohort.slides["path"], strict=True))

@@ -14,17 +14,17 @@ from typing import Any
 
 import pandas as pd
 
-from hmil.bags import (
+from hmil.data.bags import (
     BagError,
     find_feature_file,
     flagged_reason,
     read_bag_shape,
 )
+from hmil.data.feature_record import read_feature_record, record_mismatch
+from hmil.data.hierarchy import Hierarchy, HierarchyError
 from hmil.evaluation.fold_models import FoldModel
-from hmil.feature_record import read_feature_record, record_mismatch
-from hmil.hierarchy import Hierarchy, HierarchyError
-from preprocessing.errors import PipelineError
-from preprocessing.sheet import read_slide_sheet
+from plumbing.errors import PipelineError
+from preprocessing.slides.sheet import read_slide_sheet
 
 log = logging.getLogger("hmil.predict")
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hmil.hierarchy import Hierarchy
+from hmil.data.hierarchy import Hierarchy
 from hmil.models import create_model
-from preprocessing.errors import PipelineError
+from plumbing.errors import PipelineError
 
 log = logging.getLogger("hmil.evaluation")
 

@@ -18,9 +18,9 @@ from matplotlib.image import imsave
 
 from hmil.evaluation.attention_maps import COLORMAP, overlay
 from hmil.evaluation.heatmap_inputs import PatchGeometry, SlideLabels
-from preprocessing.atomic import atomic_outputs
-from preprocessing.qc import render_failure
-from preprocessing.slide import read_at_mpp, read_rgb
+from plumbing.atomic import atomic_outputs
+from preprocessing.slides.access import read_at_mpp, read_rgb
+from preprocessing.slides.qc import render_failure
 
 log = logging.getLogger("hmil.heatmaps")
 DPI = 100

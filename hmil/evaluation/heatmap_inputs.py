@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from preprocessing.errors import PipelineError
+from plumbing.errors import PipelineError
 
 log = logging.getLogger("hmil.heatmaps")
 

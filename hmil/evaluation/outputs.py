@@ -9,8 +9,8 @@ from typing import Any
 import pandas as pd
 from matplotlib.image import imsave
 
-from hmil import plots
 from hmil.compare import mark_failed
+from hmil.evaluation import plots
 from hmil.evaluation.report import (
     json_safe,
     per_class_markdown,
@@ -27,9 +27,9 @@ from hmil.evaluation.summary import (
     per_class_table,
     summary_rows,
 )
-from preprocessing.atomic import atomic_outputs
-from preprocessing.provenance import code_version
-from preprocessing.qc import render_failure
+from plumbing.atomic import atomic_outputs
+from plumbing.provenance import code_version
+from preprocessing.slides.qc import render_failure
 
 # ---- writing ---------------------------------------------------------------------------------
 

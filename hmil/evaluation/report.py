@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hmil.eval_metrics import (
+from hmil.evaluation.metrics import (
     CI_LEVEL,
     PER_CLASS_METRICS,
     fold_mean_std,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from preprocessing.errors import PipelineError
+from plumbing.errors import PipelineError
 
 log = logging.getLogger("hmil.evaluate")
 

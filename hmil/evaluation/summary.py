@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hmil.eval_metrics import (
+from hmil.evaluation.metrics import (
     PER_CLASS_METRICS,
     BootstrapSamples,
     LevelMetrics,
@@ -32,7 +32,7 @@ from hmil.evaluation.runs import (
     Fold,
     MissingFold,
 )
-from preprocessing.provenance import code_version
+from plumbing.provenance import code_version
 
 METRIC_TITLES = {
     "auc": "AUC (macro one-vs-rest)",

@@ -2,8 +2,8 @@
 teacher in one module, trained by the ordinary trainer.
 
 In training mode a forward scores the full bag with the teacher (no gradient), masks it
-(:func:`hmil.mhim.hard_instance_mask`) and runs the student on the kept instances; the
-output is the student's (its attention then covers the kept instances only), with the
+(:func:`hmil.models.mhim_masking.hard_instance_mask`) and runs the student on the kept
+instances; the output is the student's (its attention then covers the kept instances only), with the
 ``consistency`` auxiliary term added. In eval mode a forward is the student's, so
 predictions and attention maps are the student's on whole bags.
 
@@ -23,15 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from hmil.mhim import (
+from hmil.models.abmil import ABMIL, abmil
+from hmil.models.dsmil import dsmil
+from hmil.models.mhim_masking import (
     MHIMConfig,
     cosine_schedule,
     ema_update_,
     hard_instance_mask,
     soft_target_cross_entropy,
 )
-from hmil.models.abmil import ABMIL, abmil
-from hmil.models.dsmil import dsmil
 from hmil.models.output import MILOutput
 from hmil.models.registry import register_model
 from hmil.models.transmil import transmil

@@ -13,7 +13,7 @@ from typing import overload
 
 from torch import nn
 
-from hmil.hierarchy import Hierarchy
+from hmil.data.hierarchy import Hierarchy
 
 ModelBuilder = Callable[..., nn.Module]
 

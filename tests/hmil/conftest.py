@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hmil.hierarchy import Hierarchy
+from hmil.data.hierarchy import Hierarchy
 
 
 @pytest.fixture

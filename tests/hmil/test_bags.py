@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hmil.bags import BagDataset, BagError, collate_bags
+from hmil.data.bags import BagDataset, BagError, collate_bags
 
 
 def write_h5(directory: Path, slide_id: str, features: np.ndarray, feature_dim=None) -> Path:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from hmil.bags import Bag, collate_bags
-from hmil.losses import HMILLoss, LossConfig
+from hmil.data.bags import Bag, collate_bags
+from hmil.data.synthetic import SyntheticConfig, generate_cohort
 from hmil.models import MILOutput, create_model, list_models
 from hmil.models.clam import CLAM
 from hmil.models.mhim import MHIM
@@ -30,9 +30,9 @@ from hmil.models.transmil import (
     pad_to_square,
     segment_means,
 )
-from hmil.synthetic_features import SyntheticConfig, generate_cohort
 from hmil.train import main
-from hmil.training import train_epoch
+from hmil.training.loop import train_epoch
+from hmil.training.losses import HMILLoss, LossConfig
 from tests.hmil.train_cli import TINY_SPEC, one_error_line, write_fold_cohort
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""hmil.evaluate and hmil.eval_metrics: metrics equal scikit-learn's, fold statistics and
+"""hmil.evaluate and hmil.evaluation.metrics: metrics equal scikit-learn's, fold statistics and
 bootstrap CIs, classes absent from a fold, missing folds, flat models, and a real run."""
 
 import json
@@ -18,7 +18,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from hmil.eval_metrics import (
+from hmil.evaluate import main
+from hmil.evaluation.metrics import (
     bootstrap_level,
     bootstrap_weights,
     fold_mean_std,
@@ -26,9 +27,8 @@ from hmil.eval_metrics import (
     patient_groups,
     percentile_ci,
 )
-from hmil.evaluate import main
-from hmil.metrics import classification_metrics, macro_auc
-from preprocessing.cli import run_cli
+from hmil.training.selection_metrics import classification_metrics, macro_auc
+from plumbing.cli import run_cli
 
 FINE = ("a1", "a2", "b1")
 COARSE = ("A", "B")
@@ -486,8 +486,8 @@ def test_name_option_and_mixed_runs(tmp_path, capsys):
 
 def test_real_training_runs_are_evaluated_consistently(tmp_path):
     yaml = pytest.importorskip("yaml")
-    from hmil.hierarchy import Hierarchy
-    from hmil.synthetic_features import SyntheticConfig, generate_cohort, write_cohort
+    from hmil.data.hierarchy import Hierarchy
+    from hmil.data.synthetic import SyntheticConfig, generate_cohort, write_cohort
     from hmil.train import main as train_main
 
     hierarchy_path = tmp_path / "tiny3.yaml"

@@ -30,9 +30,9 @@ from hmil.evaluation.heatmap_figures import (
 )
 from hmil.evaluation.heatmap_inputs import read_patch_geometry, read_slide_attention
 from hmil.heatmaps import main
+from plumbing.cli import run_cli
 from preprocessing import patch
-from preprocessing.cli import run_cli
-from preprocessing.slide import open_slide
+from preprocessing.slides.access import open_slide
 from preprocessing.synthetic import Ellipse, SlideSpec, write_slide
 
 FINE, COARSE = ["a1", "a2", "b1", "b2"], ["A", "B"]
@@ -42,7 +42,7 @@ HOT_FINE_ROW = 2  # b1
 def write_attention_file(
     path: Path, slides: dict[str, np.ndarray], hot: int, with_coords: bool = True
 ) -> None:
-    """attention.h5 in the layout of hmil.training.write_attention: class-wise fine and
+    """attention.h5 in the layout of hmil.training.loop.write_attention: class-wise fine and
     coarse rows (each summing to 1); patch ``hot`` dominates fine row b1 only. Without
     coords, as training writes it for features that have none (bare .pt)."""
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hmil.hierarchy import Hierarchy, HierarchyError
+from hmil.data.hierarchy import Hierarchy, HierarchyError
 
 
 def write_yaml(tmp_path: Path, text: str) -> Path:

@@ -2,9 +2,9 @@
 
 import torch
 
-from hmil.losses import HMILLoss
+from hmil.data.synthetic import SyntheticConfig, generate_cohort
 from hmil.models import create_model
-from hmil.synthetic_features import SyntheticConfig, generate_cohort
+from hmil.training.losses import HMILLoss
 
 # 12 bags with the 4-class tiny hierarchy; 2–10 % key instances per bag
 TINY = SyntheticConfig(bags_per_class=3, feature_dim=32, min_instances=50, max_instances=100)

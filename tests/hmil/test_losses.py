@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from hmil.losses import (
+from hmil.models import MILOutput
+from hmil.training.losses import (
     HMILLoss,
     LossConfig,
     bag_alignment_loss,
@@ -22,7 +23,6 @@ from hmil.losses import (
     supervised_contrastive_loss,
     temperature_schedule,
 )
-from hmil.models import MILOutput
 
 E = math.e
 FINE_LOGITS = [[2.0, 1.0, 0.0, -1.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 3.0]]

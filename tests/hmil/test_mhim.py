@@ -9,9 +9,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hmil.bags import Bag, collate_bags
-from hmil.losses import HMILLoss, LossConfig
-from hmil.mhim import (
+from hmil.data.bags import Bag, collate_bags
+from hmil.data.hierarchy import hierarchy_as_dict
+from hmil.models import create_model
+from hmil.models.mhim import TeacherError, class_aware_scores, load_teacher
+from hmil.models.mhim_masking import (
     MHIM_PRESETS_PATH,
     MHIMConfig,
     cosine_schedule,
@@ -21,9 +23,8 @@ from hmil.mhim import (
     mask_counts,
     soft_target_cross_entropy,
 )
-from hmil.models import create_model
-from hmil.models.mhim import TeacherError, class_aware_scores, load_teacher
-from hmil.training import hierarchy_as_dict, train_epoch
+from hmil.training.loop import train_epoch
+from hmil.training.losses import HMILLoss, LossConfig
 
 
 def ranked(scores: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from hmil.losses import HMILLoss, LossConfig
 from hmil.models import MILOutput, coarse_probs_from_fine, create_model, list_models
 from hmil.models.registry import register_model
+from hmil.training.losses import HMILLoss, LossConfig
 
 
 def test_registry_lists_and_builds_the_models(tiny_hierarchy):

@@ -15,11 +15,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from hmil.hierarchy import Hierarchy
+from hmil.data.hierarchy import Hierarchy
+from hmil.data.synthetic import SyntheticConfig
 from hmil.predict import main
-from hmil.synthetic_features import SyntheticConfig
 from hmil.train import main as train_main
-from preprocessing.cli import run_cli
+from plumbing.cli import run_cli
 from tests.hmil.train_cli import write_fold_cohort
 
 COHORT = SyntheticConfig(

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hmil.hierarchy import Hierarchy
+from hmil.data.hierarchy import Hierarchy
 from hmil.splits import (
     SplitError,
     _covers_classes,
@@ -18,8 +18,8 @@ from hmil.splits import (
     patient_labels,
     patients_needed,
 )
-from hmil.training import load_fold_tables
-from preprocessing.cli import run_cli
+from hmil.training.loop import load_fold_tables
+from plumbing.cli import run_cli
 
 FINE = ("a1", "a2", "b1", "b2", "c1", "c2")
 PATIENTS_PER_CLASS = (16, 12, 10, 9, 7, 6)  # imbalanced, 60 patients

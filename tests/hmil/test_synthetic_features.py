@@ -4,8 +4,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from hmil.bags import BagDataset
-from hmil.synthetic_features import SyntheticConfig, generate_cohort, main, write_cohort
+from hmil.data.bags import BagDataset
+from hmil.data.synthetic import SyntheticConfig, generate_cohort, write_cohort
+from hmil.synthetic_features import main
 
 SMALL = SyntheticConfig(bags_per_class=3, feature_dim=16, min_instances=40, max_instances=80)
 

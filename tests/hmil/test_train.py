@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from hmil.hierarchy import Hierarchy
-from hmil.synthetic_features import SyntheticConfig
+from hmil.data.hierarchy import Hierarchy
+from hmil.data.synthetic import SyntheticConfig
 from hmil.train import main
 from tests.hmil.train_cli import one_error_line, write_fold_cohort
 

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-import hmil.bags
-from hmil.synthetic_features import SyntheticConfig
+import hmil.data.bags
+from hmil.data.synthetic import SyntheticConfig
 from hmil.train import main
-from hmil.training import drop_instances, learning_warnings
+from hmil.training.loop import drop_instances, learning_warnings
 from tests.hmil.train_cli import write_fold_cohort
 
 SMALL = SyntheticConfig(
@@ -62,13 +62,13 @@ def reference_run(cohort, tmp_path_factory):
 def feature_reads(monkeypatch):
     """Counts feature-file reads per slide (BagDataset reads through this function)."""
     reads: Counter[str] = Counter()
-    load = hmil.bags.load_bag_features
+    load = hmil.data.bags.load_bag_features
 
     def counting_load(path, slide_id):
         reads[slide_id] += 1
         return load(path, slide_id)
 
-    monkeypatch.setattr(hmil.bags, "load_bag_features", counting_load)
+    monkeypatch.setattr(hmil.data.bags, "load_bag_features", counting_load)
     return reads
 
 

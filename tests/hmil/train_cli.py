@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from hmil.hierarchy import Hierarchy
-from hmil.synthetic_features import SyntheticConfig, generate_cohort, write_cohort
+from hmil.data.hierarchy import Hierarchy
+from hmil.data.synthetic import SyntheticConfig, generate_cohort, write_cohort
 from hmil.train import main
-from preprocessing.cli import run_cli
+from plumbing.cli import run_cli
 
 #: Fine a1, a2 → coarse A; fine b1, b2 → coarse B.
 TINY_SPEC = {

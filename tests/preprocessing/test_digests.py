@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from preprocessing import digests
+from plumbing import digests
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pytest
 import timm
 import torch
 
-from preprocessing.encoder_zoo import ClassTokenAndPatchMean
-from preprocessing.encoders import (
+from preprocessing.features.encoder_zoo import ClassTokenAndPatchMean
+from preprocessing.features.encoders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EncoderError,

@@ -10,14 +10,14 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from preprocessing.encoders import (
+from plumbing.errors import PipelineError
+from preprocessing.features.encoders import (
     EncoderError,
     build_encoder,
     get_encoder_spec,
     list_encoders,
     weights_record,
 )
-from preprocessing.errors import PipelineError
 
 SMALL = "timm:resnet10t"  # 5 M parameters: fast where the encoder's identity does not matter
 #: Entries of encoders.py itself; the foundation models of encoder_zoo.py have their own tests.

@@ -17,10 +17,10 @@ import timm
 import torch
 
 import preprocessing.extract
-from preprocessing.cli import run_cli
-from preprocessing.encoders import build_encoder
-from preprocessing.errors import SlideError
+from plumbing.cli import run_cli
+from plumbing.errors import SlideError
 from preprocessing.extract import main, validate_features
+from preprocessing.features.encoders import build_encoder
 from preprocessing.patch import PatchParams, patch_slide, write_failure, write_outputs
 from preprocessing.synthetic import Ellipse, SlideSpec, write_slide
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-from preprocessing.encoders import EncoderError, build_encoder, list_encoders
-from preprocessing.handcrafted import FEATURE_DIM, StainTextureEncoder
+from preprocessing.features.encoders import EncoderError, build_encoder, list_encoders
+from preprocessing.features.handcrafted import FEATURE_DIM, StainTextureEncoder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

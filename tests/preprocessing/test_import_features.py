@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from hmil.bags import BagError, flagged_reason, load_bag_features, read_bag_shape
+from hmil.data.bags import BagError, flagged_reason, load_bag_features, read_bag_shape
+from hmil.data.synthetic import SyntheticConfig
 from hmil.evaluate import main as evaluate_main
-from hmil.synthetic_features import SyntheticConfig
 from hmil.train import main as train_main
 from preprocessing.import_features import import_cohort, main, patch_geometry
 from tests.hmil import train_cli

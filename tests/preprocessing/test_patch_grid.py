@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocessing.grid import box_fractions, grid_axis, patch_grid
+from preprocessing.slides.grid import box_fractions, grid_axis, patch_grid
 
 
 def test_box_fractions_integrate_partial_pixels_exactly():

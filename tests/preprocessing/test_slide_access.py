@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from preprocessing.errors import SlideError
-from preprocessing.slide import Mpp, open_slide, resolve_mpp
+from plumbing.errors import SlideError
+from preprocessing.slides.access import Mpp, open_slide, resolve_mpp
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from preprocessing.errors import SheetError
-from preprocessing.sheet import read_slide_sheet
+from plumbing.errors import SheetError
+from preprocessing.slides.sheet import read_slide_sheet
 
 
 def write(tmp_path, text):

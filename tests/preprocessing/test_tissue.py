@@ -6,7 +6,12 @@ import cv2
 import numpy as np
 import pytest
 
-from preprocessing.tissue import TissueParams, polygons_to_geojson, scale_polygons, segment_tissue
+from preprocessing.slides.tissue import (
+    TissueParams,
+    polygons_to_geojson,
+    scale_polygons,
+    segment_tissue,
+)
 
 PINK = (220, 150, 190)
 GLASS = (243, 242, 240)

@@ -38,8 +38,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from hmil.synthetic_features import SyntheticConfig, generate_cohort
-from hmil.synthetic_features import write_cohort as write_feature_cohort
+from hmil.data.synthetic import SyntheticConfig, generate_cohort
+from hmil.data.synthetic import write_cohort as write_feature_cohort
 from preprocessing.extract import validate_features
 from preprocessing.synthetic import write_cohort
 from tests.conftest import snakemake_command
@@ -355,7 +355,7 @@ def readable_inputs():
         hierarchy_path.write_text(
             yaml.safe_dump({"name": "two", "coarse": ["A", "B"], "fine": {"a": "A", "b": "B"}})
         )
-        from hmil.hierarchy import Hierarchy
+        from hmil.data.hierarchy import Hierarchy
 
         generated = generate_cohort(
             Hierarchy.from_yaml(hierarchy_path),
@@ -535,7 +535,7 @@ def test_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(readable
             sys.executable,
             "-c",
             "import os, signal, sys\n"
-            "from preprocessing.atomic import atomic_outputs\n"
+            "from plumbing.atomic import atomic_outputs\n"
             "with atomic_outputs(sys.argv[1]) as (temp,):\n"
             "    temp.write_bytes(b'half a file')\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n",

@@ -16,7 +16,7 @@ import h5py
 import pandas as pd
 import pytest
 
-from hmil.synthetic_features import SyntheticConfig
+from hmil.data.synthetic import SyntheticConfig
 from tests.conftest import snakemake_command
 from tests.hmil.train_cli import write_fold_cohort
 from tests.preprocessing.feature_layouts import write_clam, write_pt, write_sheet

@@ -16,12 +16,12 @@ os.environ.update(
 )
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from preprocessing.errors import SheetError  # noqa: E402
+from plumbing.errors import SheetError  # noqa: E402
 from preprocessing.import_features import (  # noqa: E402
     FeatureImportError,
     locate_cohort,
 )
-from preprocessing.sheet import read_slide_sheet  # noqa: E402
+from preprocessing.slides.sheet import read_slide_sheet  # noqa: E402
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 

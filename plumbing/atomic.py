@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from preprocessing.errors import OutputError
+from plumbing.errors import OutputError
 
 
 def _temporary_name(path: Path, pid: int | None = None) -> Path:

@@ -30,9 +30,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hmil.presets import dataclass_from_mapping, get_preset, load_presets
+from hmil.training.presets import dataclass_from_mapping, get_preset, load_presets
 
-MHIM_PRESETS_PATH = Path(__file__).resolve().parents[1] / "config" / "mhim_presets.yaml"
+MHIM_PRESETS_PATH = Path(__file__).resolve().parents[2] / "config" / "mhim_presets.yaml"
 
 # ⌈r·N⌉ without float noise turning 30.000000000000004 into 31
 _CEIL_TOLERANCE = 1e-9

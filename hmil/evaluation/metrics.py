@@ -9,7 +9,7 @@ statistic (ties count ½). With unit weights these equal scikit-learn's values, 
 the weights of a resample they equal scikit-learn's on the repeated slides
 (tests/hmil/test_evaluate.py checks both).
 
-Conventions, shared with :mod:`hmil.metrics` (the trainer's model selection):
+Conventions, shared with :mod:`hmil.training.selection_metrics` (the trainer's model selection):
 
 - the predicted class is the arg-max of the probabilities;
 - macro AUC is the mean one-vs-rest AUC over the classes present in the true labels (NaN

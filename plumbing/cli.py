@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from preprocessing.errors import PipelineError
+from plumbing.errors import PipelineError
 
 log = logging.getLogger("hmil")
 

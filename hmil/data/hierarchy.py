@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "config" / "hierarchies"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "config" / "hierarchies"
 
 
 class HierarchyError(ValueError):
@@ -253,3 +253,19 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, d
 _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
 )
+
+
+def hierarchy_as_dict(hierarchy: Hierarchy) -> dict[str, Any]:
+    """The YAML layout of a hierarchy (``Hierarchy.from_mapping`` reads it back)."""
+    return {
+        "name": hierarchy.name,
+        "coarse": list(hierarchy.coarse),
+        "fine": {fine: hierarchy.coarse_of(fine) for fine in hierarchy.fine},
+    }
+
+
+def load_hierarchy(spec: str) -> Hierarchy:
+    """A hierarchy from a YAML path, or a preset name (``bracs``, ``panda``, ``ccc``)."""
+    if spec.endswith((".yaml", ".yml")) or Path(spec).exists():
+        return Hierarchy.from_yaml(spec)
+    return Hierarchy.preset(spec)

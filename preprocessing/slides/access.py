@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import openslide
 
-from preprocessing.errors import SlideError
+from plumbing.errors import SlideError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Pathology foundation models as registry entries (`preprocessing.encoders`).
+"""Pathology foundation models as registry entries (`preprocessing.features.encoders`).
 
 Every number of an entry (architecture arguments, input size, µm/px, mean/std, pooling,
 output dimension, hub id) comes from the model's card or its published configuration; the
@@ -20,7 +20,7 @@ import torch
 from timm.layers import SwiGLUPacked
 from torch import nn
 
-from preprocessing.encoders import (
+from preprocessing.features.encoders import (
     RANDOM_WEIGHTS,
     EncoderError,
     EncoderSpec,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from preprocessing.errors import SheetError
+from plumbing.errors import SheetError
 
 REQUIRED_COLUMNS = ("slide_id", "path", "patient_id", "label")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmil.models.output import MILOutput, coarse_probs_from_fine
-from hmil.presets import dataclass_from_mapping, get_preset, load_presets
+from hmil.training.presets import dataclass_from_mapping, get_preset, load_presets
 
-LOSS_PRESETS_PATH = Path(__file__).resolve().parents[1] / "config" / "loss_presets.yaml"
+LOSS_PRESETS_PATH = Path(__file__).resolve().parents[2] / "config" / "loss_presets.yaml"
 
 TERMS = (
     "coarse_ce",

@@ -22,7 +22,7 @@ import openslide
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from preprocessing.slide import best_level_for_mpp, open_slide, read_rgb
+from preprocessing.slides.access import best_level_for_mpp, open_slide, read_rgb
 
 
 @dataclass(frozen=True)

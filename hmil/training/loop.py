@@ -1,7 +1,7 @@
 """The per-fold trainer's core: split tables, seeding, one epoch, prediction, outputs.
 
 The CLI (:mod:`hmil.train`) validates arguments, then calls these functions. B bags make
-one optimiser step, and :class:`~hmil.losses.HMILLoss` averages its terms over the B bags.
+one optimiser step, and :class:`~hmil.training.losses.HMILLoss` averages its terms over the B bags.
 In training a random fraction of each bag's instances may be dropped (``instance_dropout``,
 a regulariser for cohorts of a few hundred slides); evaluation always sees whole bags.
 """
@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hmil.bags import BagDataset, collate_bags
-from hmil.hierarchy import Hierarchy
-from hmil.losses import HMILLoss, curriculum_weight
-from hmil.metrics import classification_metrics
-from preprocessing.atomic import buffered
-from preprocessing.errors import PipelineError
+from hmil.data.bags import BagDataset, collate_bags
+from hmil.data.hierarchy import Hierarchy
+from hmil.training.losses import HMILLoss, curriculum_weight
+from hmil.training.selection_metrics import classification_metrics
+from plumbing.atomic import buffered
+from plumbing.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
 REQUIRED_SPLIT_COLUMNS = ("slide_id", "patient_id", "label")
@@ -75,22 +75,6 @@ class TrainConfig:
 
 
 # ---- inputs ----------------------------------------------------------------------------------
-
-
-def hierarchy_as_dict(hierarchy: Hierarchy) -> dict[str, Any]:
-    """The YAML layout of a hierarchy (``Hierarchy.from_mapping`` reads it back)."""
-    return {
-        "name": hierarchy.name,
-        "coarse": list(hierarchy.coarse),
-        "fine": {fine: hierarchy.coarse_of(fine) for fine in hierarchy.fine},
-    }
-
-
-def load_hierarchy(spec: str) -> Hierarchy:
-    """A hierarchy from a YAML path, or a preset name (``bracs``, ``panda``, ``ccc``)."""
-    if spec.endswith((".yaml", ".yml")) or Path(spec).exists():
-        return Hierarchy.from_yaml(spec)
-    return Hierarchy.preset(spec)
 
 
 def load_fold_tables(splits_path: str | Path, fold: int) -> dict[str, pd.DataFrame]:

@@ -11,7 +11,7 @@ Every output records where its weights came from (`weights_record`). Random weig
 from a fixed seed (`RANDOM_WEIGHTS_SEED`), so two runs give identical features.
 
 The pathology foundation models (UNI2-h, Virchow2, H-optimus, Prov-GigaPath, Phikon-v2, ...)
-are registered in `preprocessing.encoder_zoo`, each with the source of its numbers.
+are registered in `preprocessing.features.encoder_zoo`, each with the source of its numbers.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import timm
 import torch
 from torch import nn
 
-from preprocessing.digests import file_sha256
-from preprocessing.errors import PipelineError
-from preprocessing.handcrafted import FEATURE_DIM as STAIN_TEXTURE_DIM
-from preprocessing.handcrafted import StainTextureEncoder
+from plumbing.digests import file_sha256
+from plumbing.errors import PipelineError
+from preprocessing.features.handcrafted import FEATURE_DIM as STAIN_TEXTURE_DIM
+from preprocessing.features.handcrafted import StainTextureEncoder
 
 log = logging.getLogger("hmil.encoders")
 
@@ -385,4 +385,4 @@ class PublishedLayout(nn.Module):
 
 
 # The foundation-model entries register themselves; imported last, as they use the names above.
-from preprocessing import encoder_zoo  # noqa: E402, F401
+from preprocessing.features import encoder_zoo  # noqa: E402, F401

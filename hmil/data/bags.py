@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from hmil.hierarchy import Hierarchy, HierarchyError
+from hmil.data.hierarchy import Hierarchy, HierarchyError
 
 FEATURE_SUFFIXES = (".h5", ".pt")
 

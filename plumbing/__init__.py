@@ -1,0 +1,7 @@
+"""Plumbing shared by ``preprocessing`` and ``hmil``, and nothing of either stage.
+
+Atomic writes (:mod:`~plumbing.atomic`: every output appears complete or not at all),
+content digests of inputs (:mod:`~plumbing.digests`), the code version that every output
+records (:mod:`~plumbing.provenance`), the one exception type a command turns into one
+line (:mod:`~plumbing.errors`) and the command-line edge that does it (:mod:`~plumbing.cli`).
+"""
