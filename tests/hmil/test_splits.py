@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 
 from hmil.data.hierarchy import Hierarchy
-from hmil.splits import (
+from hmil.data.splits import (
     SplitError,
     _covers_classes,
-    main,
     make_splits,
     patient_labels,
     patients_needed,
 )
+from hmil.splits import main
 from hmil.training.loop import load_fold_tables
 from plumbing.cli import run_cli
 

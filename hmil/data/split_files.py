@@ -1,0 +1,190 @@
+"""A DATA_SPLIT on disk: DATA_SPLIT.csv, its JSON sidecar and, optionally, CLAM's layout.
+
+CLAM's layout is for tools that read CLAM's splits (CLAM's ``main.py`` and ``eval.py``; the
+HMIL authors' ``make_dataset_pkls.py`` is pointed at such a folder): per fold
+``splits_{k}.csv``, ``splits_{k}_bool.csv`` and ``splits_{k}_descriptor.csv`` as CLAM's
+``create_splits_seq.py`` writes them (see :func:`clam_split_tables`). They come from the same
+table as DATA_SPLIT.csv, in the same atomic write, so the two layouts cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hmil.data.hierarchy import Hierarchy, HierarchyError, load_hierarchy
+from hmil.data.splits import PARTS, SplitError, check_parameters, fold_columns, make_splits
+from plumbing.atomic import atomic_outputs
+from plumbing.provenance import code_version
+from preprocessing.slides.sheet import read_slide_sheet
+
+log = logging.getLogger("hmil.splits")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """One DATA_SPLIT to make: the sheet, how it is split, where the files go.
+
+    Checked when made, so that parameters no sheet can be split with are refused before a
+    file is read; like every error of a split, the message names the sheet.
+    """
+
+    sheet: Path
+    out: Path  #: DATA_SPLIT.csv; the sidecar is the same path with .json
+    folds: int  #: folds (kfold) or repeats
+    seed: int = 0
+    hierarchy: str | None = None  #: YAML path or preset name; checks the labels
+    protocol: str = "kfold"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    allow_sparse_classes: bool = False
+    clam_dir: Path | None = None  #: also write the folds in CLAM's layout here
+
+    def __post_init__(self) -> None:
+        try:
+            check_parameters(
+                self.folds, self.seed, self.protocol, self.val_fraction, self.test_fraction
+            )
+        except SplitError as error:
+            raise SplitError(f"{self.sheet}: {error}") from None
+
+    def params(self, hierarchy: Hierarchy | None) -> dict[str, Any]:
+        """The parameters recorded in the sidecar."""
+        return {
+            "sheet": str(self.sheet),
+            "folds": self.folds,
+            "protocol": self.protocol,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction if self.protocol == "repeated" else None,
+            "allow_sparse_classes": self.allow_sparse_classes,
+            "hierarchy": hierarchy.name if hierarchy else None,
+            "clam_dir": str(self.clam_dir) if self.clam_dir else None,
+        }
+
+
+def write_splits(config: SplitConfig) -> pd.DataFrame:
+    """Split the sheet and write DATA_SPLIT.csv, its sidecar and (``clam_dir``) CLAM's
+    tables in one atomic write; returns the DATA_SPLIT table."""
+    hierarchy = _hierarchy(config.hierarchy)
+    sheet = read_slide_sheet(config.sheet, require_labels=False)
+    for column in ("patient_id", "label"):
+        if column not in sheet.columns:
+            raise SplitError(f"{config.sheet}: missing column {column!r}")
+    try:
+        splits = make_splits(
+            sheet,
+            config.folds,
+            seed=config.seed,
+            hierarchy=hierarchy,
+            protocol=config.protocol,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            allow_sparse_classes=config.allow_sparse_classes,
+        )
+    except SplitError as error:
+        raise SplitError(f"{config.sheet}: {error}") from None
+
+    classes = list(hierarchy.fine) if hierarchy else sorted(splits["label"].unique())
+    sidecar = {
+        "seed": config.seed,
+        "params": config.params(hierarchy),
+        "code_version": code_version(),
+        "n_slides": len(splits),
+        "n_patients": int(splits["patient_id"].nunique()),
+        "classes": classes,
+        "counts": class_counts(splits, classes),
+    }
+    folds = fold_columns(splits)
+    clam_paths = clam_split_paths(config.clam_dir, len(folds)) if config.clam_dir else []
+    with atomic_outputs(config.out, config.out.with_suffix(".json"), *clam_paths) as temporaries:
+        csv_tmp, json_tmp, *clam_tmps = temporaries
+        splits.to_csv(csv_tmp, index=False, lineterminator="\n")
+        json_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+        for k, column in enumerate(folds if clam_paths else []):
+            tables = clam_split_tables(splits, column, classes)
+            for table, path in zip(tables, clam_tmps[3 * k : 3 * k + 3], strict=True):
+                table.to_csv(path, lineterminator="\n")
+    log.info("slides per fold, part and class:\n%s", counts_table(splits, classes))
+    return splits
+
+
+def _hierarchy(spec: str | None) -> Hierarchy | None:
+    try:
+        return load_hierarchy(spec) if spec else None
+    except HierarchyError as error:
+        raise SplitError(str(error)) from None
+
+
+# ---- what the files hold ---------------------------------------------------------------------
+
+
+def class_counts(
+    splits: pd.DataFrame, classes: Sequence[str]
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Slides per fold, part and class: ``{"fold0": {"train": {"N": 12, ...}, ...}, ...}``."""
+    return {
+        column: {
+            part: {str(c): int(n) for c, n in row.items()}
+            for part, row in _part_counts(splits, column, classes).iterrows()
+        }
+        for column in fold_columns(splits)
+    }
+
+
+def counts_table(splits: pd.DataFrame, classes: Sequence[str]) -> str:
+    """Text table of slide counts per fold and part (rows) and class (columns)."""
+    frames = []
+    for column in fold_columns(splits):
+        table = _part_counts(splits, column, classes)
+        table.index = [f"{column} {part}" for part in PARTS]
+        frames.append(table)
+    return pd.concat(frames).to_string()
+
+
+def _part_counts(splits: pd.DataFrame, column: str, classes: Sequence[str]) -> pd.DataFrame:
+    table = pd.crosstab(splits[column], splits["label"])
+    return table.reindex(index=list(PARTS), columns=list(classes), fill_value=0)
+
+
+def clam_split_tables(
+    splits: pd.DataFrame, column: str, classes: Sequence[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One fold of DATA_SPLIT in CLAM's three tables (``create_splits_seq.py`` → ``save_splits``).
+
+    - ``splits_{k}.csv``: columns ``train, val, test``, each the slide ids of that part from
+      the top, shorter columns padded with empty cells, under a 0…n-1 index (CLAM writes
+      ``pd.concat(ids, axis=1).to_csv(path)``, index included). CLAM's reader
+      (``return_splits(from_id=False, csv_path=...)``) takes each column's non-empty cells.
+    - ``splits_{k}_bool.csv``: indexed by slide id (train slides, then val, then test),
+      columns ``train, val, test`` of True/False, one True per row.
+    - ``splits_{k}_descriptor.csv``: slides per class (rows, in class order) and part.
+
+    Slides keep the sheet's order within a part, as CLAM keeps its csv's order.
+    """
+    ids = {part: splits.loc[splits[column] == part, "slide_id"].astype(str) for part in PARTS}
+    columns = [ids[part].reset_index(drop=True).rename(part) for part in PARTS]
+    by_column = pd.concat(columns, axis=1).reindex(columns=list(PARTS))
+    ordered = pd.concat([ids[part] for part in PARTS], ignore_index=True)
+    part_of = np.repeat(np.arange(len(PARTS)), [len(ids[part]) for part in PARTS])
+    by_slide = pd.DataFrame(
+        np.eye(len(PARTS), dtype=bool)[part_of], index=ordered.to_numpy(), columns=list(PARTS)
+    )
+    descriptor = _part_counts(splits, column, classes).T.reindex(columns=list(PARTS))
+    descriptor.index.name = descriptor.columns.name = None  # CLAM's header: ",train,val,test"
+    return by_column, by_slide, descriptor
+
+
+def clam_split_paths(directory: Path, folds: int) -> list[Path]:
+    """``splits_{k}.csv``, ``splits_{k}_bool.csv``, ``splits_{k}_descriptor.csv`` per fold."""
+    return [
+        directory / f"splits_{k}{suffix}.csv"
+        for k in range(folds)
+        for suffix in ("", "_bool", "_descriptor")
+    ]
