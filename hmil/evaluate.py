@@ -13,8 +13,8 @@ A fold without predictions.csv, or whose training failed (its metrics.json says
 ``"status": "failed"``), is left out with a warning and named in summary.md/.json
 (``--strict``: an error). When no fold is left, ``--on-error record`` (what the workflow
 uses outside strict mode) writes the same files as a failed evaluation: a ``FAILED`` marker
-(:func:`hmil.compare.mark_failed`), summary.json with the reason, and cards in place of the
-figures, so that the comparison still builds and names the failed run.
+(:func:`hmil.evaluation.comparison.mark_failed`), summary.json with the reason, and cards
+in place of the figures, so that the comparison still builds and names the failed run.
 
 Metric conventions are those of :mod:`hmil.evaluation.metrics`:
 AUC is the macro one-vs-rest AUC over the classes present; ± is the sample std over folds

@@ -9,8 +9,8 @@ from typing import Any
 import pandas as pd
 from matplotlib.image import imsave
 
-from hmil.compare import mark_failed
 from hmil.evaluation import plots
+from hmil.evaluation.comparison import mark_failed
 from hmil.evaluation.report import (
     json_safe,
     per_class_markdown,

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hmil.compare import FAILED_MARKER, main, mark_failed
+from hmil.compare import main
 from hmil.evaluate import main as evaluate_main
+from hmil.evaluation.comparison import FAILED_MARKER, mark_failed
 
 FINE = ("a1", "a2", "b1")
 COARSE = ("A", "B")
