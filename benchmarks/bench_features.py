@@ -45,9 +45,9 @@ from preprocessing.features.patch_dataset import (
     patch_loader,
     read_geometry,
 )
-from preprocessing.patch import PatchParams, patch_slide
 from preprocessing.slides.access import open_slide, read_rgb
-from preprocessing.synthetic import two_region_spec, write_slide
+from preprocessing.slides.patching import PatchParams, patch_slide
+from preprocessing.slides.synthetic import two_region_spec, write_slide
 
 WIDTH, HEIGHT, MPP = 16_000, 12_000, 0.5  # ~620 tissue patches of 256 px at 0.5 µm/px
 

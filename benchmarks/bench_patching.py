@@ -23,8 +23,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core, as the goal states
 
 import cv2
 
-from preprocessing.patch import PatchParams, patch_slide, write_outputs
-from preprocessing.synthetic import expected_patch_count, two_region_spec
+from preprocessing.slides.patching import PatchParams, patch_slide, write_outputs
+from preprocessing.slides.synthetic import expected_patch_count, two_region_spec
 
 WIDTH, HEIGHT, MPP, LEVELS = 100_000, 80_000, 0.25, 6
 
@@ -42,7 +42,7 @@ def main() -> None:
         print(f"generating {args.slide} ({WIDTH} x {HEIGHT} px, {LEVELS} levels) ...", flush=True)
         start = time.perf_counter()
         code = (
-            "from preprocessing.synthetic import two_region_spec, write_slide\n"
+            "from preprocessing.slides.synthetic import two_region_spec, write_slide\n"
             f"spec = two_region_spec({WIDTH}, {HEIGHT}, {MPP}, levels={LEVELS})\n"
             f"write_slide({str(args.slide)!r}, spec, progress=True)\n"
         )

@@ -51,68 +51,17 @@ from preprocessing.features.patch_dataset import (
     read_geometry,
 )
 from preprocessing.slides.access import open_slide
+from preprocessing.slides.patch_files import STATUS_FAILED, STATUS_OK, Patches, plain, read_patches
 from preprocessing.slides.sheet import read_slide_sheet
 
 log = logging.getLogger("hmil.extract")
 
-STATUS_OK, STATUS_EMPTY, STATUS_FAILED = "ok", "empty", "failed"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = ("float32", "float16")
 #: A slide with more of its patches unreadable than this is failed, not just degraded.
 DEFAULT_MAX_UNREADABLE_FRACTION = 0.1
 #: Attributes the features file sets itself; the patches file's values are kept as `patches_<key>`.
 _OWN_ATTRIBUTES = ("status", "status_reason", "n_patches", "code_version", "params")
-
-
-# --- inputs --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Patches:
-    """The patches h5 of one slide: coords (N×2 int64, level-0 top-left) and root attributes."""
-
-    path: Path
-    coords: np.ndarray
-    attrs: dict
-
-    @property
-    def status(self) -> str:
-        status = str(self.attrs.get("status", STATUS_OK))
-        return STATUS_EMPTY if status == STATUS_OK and len(self.coords) == 0 else status
-
-    @property
-    def slide_id(self) -> str:
-        return str(self.attrs.get("slide_id", self.path.stem))
-
-    def patch_size_level0(self) -> float:
-        for key in ("patch_size_level0_exact", "patch_size_level0"):
-            if key in self.attrs:
-                return float(self.attrs[key])
-        raise PipelineError(f"{self.path}: patches file has no patch_size_level0 attribute")
-
-    def slide_mpp(self) -> float:
-        if "slide_mpp" not in self.attrs:
-            raise PipelineError(f"{self.path}: patches file has no slide_mpp attribute")
-        return float(self.attrs["slide_mpp"])
-
-
-def read_patches(path: str | Path) -> Patches:
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: patches file not found")
-    try:
-        with h5py.File(path, "r") as h5:
-            if "coords" not in h5:
-                raise PipelineError(f"{path}: patches file has no `coords` dataset")
-            coords = np.asarray(h5["coords"][:], dtype=np.int64).reshape(-1, 2)
-            attrs = {key: _plain(value) for key, value in h5.attrs.items()}
-    except OSError as err:
-        raise PipelineError(f"{path}: not a readable patches h5 file ({err})") from None
-    return Patches(path, coords, attrs)
-
-
-def _plain(value):
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # --- inference -------------------------------------------------------------------------------
@@ -378,7 +327,7 @@ def validate_features(
                 if name not in h5:
                     return f"no `{name}` dataset"
             shape, coords = h5["features"].shape, h5["coords"][:]
-            attrs = {key: _plain(value) for key, value in h5.attrs.items()}
+            attrs = {key: plain(value) for key, value in h5.attrs.items()}
             file_dtype = str(h5["features"].dtype)
             skipped = h5["skipped_indices"][:] if "skipped_indices" in h5 else np.zeros(0, int)
             if len(shape) != 2:
@@ -897,9 +846,9 @@ def unreadable_verdict(unreadable: int, total: int, max_fraction: float) -> tupl
 def _failed_for_unreadable_patches(path: Path) -> str | None:
     """The reason of a written output flagged failed for its unreadable patches, or None."""
     with h5py.File(path, "r") as h5:
-        failed = _plain(h5.attrs.get("status", STATUS_OK)) == STATUS_FAILED
+        failed = plain(h5.attrs.get("status", STATUS_OK)) == STATUS_FAILED
         if failed and int(h5.attrs.get("n_skipped", 0)):
-            return str(_plain(h5.attrs.get("status_reason", "")))
+            return str(plain(h5.attrs.get("status_reason", "")))
     return None
 
 

@@ -33,7 +33,7 @@ from hmil.heatmaps import main
 from plumbing.cli import run_cli
 from preprocessing import patch
 from preprocessing.slides.access import open_slide
-from preprocessing.synthetic import Ellipse, SlideSpec, write_slide
+from preprocessing.slides.synthetic import Ellipse, SlideSpec, write_slide
 
 FINE, COARSE = ["a1", "a2", "b1", "b2"], ["A", "B"]
 HOT_FINE_ROW = 2  # b1

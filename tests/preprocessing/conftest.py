@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocessing.synthetic import Ellipse, SlideSpec, two_region_spec, write_slide
+from preprocessing.slides.synthetic import Ellipse, SlideSpec, two_region_spec, write_slide
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,8 @@ from plumbing.cli import run_cli
 from plumbing.errors import SlideError
 from preprocessing.extract import main, validate_features
 from preprocessing.features.encoders import build_encoder
-from preprocessing.patch import PatchParams, patch_slide, write_failure, write_outputs
-from preprocessing.synthetic import Ellipse, SlideSpec, write_slide
+from preprocessing.slides.patching import PatchParams, patch_slide, write_failure, write_outputs
+from preprocessing.slides.synthetic import Ellipse, SlideSpec, write_slide
 
 ENCODER = "timm:resnet10t"  # small and fast; what is tested does not depend on the encoder
 

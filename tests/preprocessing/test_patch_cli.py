@@ -12,7 +12,7 @@ import numpy as np
 import openslide
 import pytest
 
-from preprocessing.synthetic import expected_patch_count, two_region_spec, write_slide
+from preprocessing.slides.synthetic import expected_patch_count, two_region_spec, write_slide
 
 ARCHITECTURE_ATTRIBUTES = {
     "patch_size", "patch_level", "downsample", "level_dim", "patch_size_level0", "target_mpp",

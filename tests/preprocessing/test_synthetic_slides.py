@@ -9,7 +9,13 @@ import numpy as np
 import openslide
 import tifffile
 
-from preprocessing.synthetic import BACKGROUND_RGB, Ellipse, SlideSpec, tissue_at, write_slide
+from preprocessing.slides.synthetic import (
+    BACKGROUND_RGB,
+    Ellipse,
+    SlideSpec,
+    tissue_at,
+    write_slide,
+)
 
 
 def test_generated_slide_is_a_jpeg_pyramid_with_mpp(synthetic_slide):
@@ -62,7 +68,7 @@ def test_huge_slide_is_written_tile_by_tile(tmp_path):
     """100,000 × 100,000 px (30 GB as RGB) written in a child process with bounded memory."""
     path = tmp_path / "huge.tiff"
     code = (
-        "from preprocessing.synthetic import SlideSpec, Ellipse, write_slide\n"
+        "from preprocessing.slides.synthetic import SlideSpec, Ellipse, write_slide\n"
         "spec = SlideSpec(width=100_000, height=100_000, mpp=0.25, levels=4,\n"
         "                 regions=(Ellipse(12500, 12500, 800, 600),))\n"
         f"write_slide({str(path)!r}, spec)\n"

@@ -16,8 +16,8 @@ import tifffile
 from preprocessing import feature_summary
 from preprocessing.extract import main as extract_main
 from preprocessing.extract import unreadable_verdict, validate_features
-from preprocessing.patch import PatchParams, patch_slide, write_outputs
-from preprocessing.synthetic import Ellipse, SlideSpec, write_slide
+from preprocessing.slides.patching import PatchParams, patch_slide, write_outputs
+from preprocessing.slides.synthetic import Ellipse, SlideSpec, write_slide
 
 ENCODER = "timm:resnet10t"
 

@@ -16,7 +16,7 @@ import h5py
 import pandas as pd
 import pytest
 
-from preprocessing.synthetic import write_cohort
+from preprocessing.slides.demo_cohort import write_cohort
 from tests.conftest import snakemake_command
 from tests.preprocessing.test_unreadable_patches import write_damaged_slide
 from tests.workflow.configs import write_workflow_config

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from preprocessing.synthetic import DEMO_CLASSES, write_cohort
+from preprocessing.slides.demo_cohort import DEMO_CLASSES, write_cohort
 from tests.workflow.configs import write_workflow_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

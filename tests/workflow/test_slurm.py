@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from preprocessing.synthetic import write_cohort
+from preprocessing.slides.demo_cohort import write_cohort
 from tests.workflow import slurm_cluster
 from tests.workflow.configs import write_workflow_config
 
