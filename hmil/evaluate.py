@@ -28,11 +28,12 @@ import argparse
 import re
 from pathlib import Path
 
+from hmil.evaluation.cli_options import add_bootstrap_options
 from hmil.evaluation.outputs import write_failed_outputs, write_outputs
 from hmil.evaluation.report import ci_text, fmt, mean_std_text
 from hmil.evaluation.runs import NoFoldError, load_folds, run_identity
 from hmil.evaluation.summary import evaluate
-from plumbing.cli import non_negative_int, run_cli, setup_logging
+from plumbing.cli import run_cli, setup_logging
 
 # ---- command line ----------------------------------------------------------------------------
 
@@ -45,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="fold directories of one run"
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument(
-        "--bootstrap",
-        type=non_negative_int,
-        default=1000,
-        help="bootstrap resamples of patients (0: no CI)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    add_bootstrap_options(parser)
     parser.add_argument(
         "--strict", action="store_true", help="a fold without predictions.csv is an error"
     )

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from hmil.evaluation.cli_options import add_bootstrap_options
 from hmil.evaluation.deploy import deploy
 from hmil.evaluation.deploy_inputs import DeployConfig, DeployError
-from plumbing.cli import non_negative_int, run_cli, setup_logging
+from plumbing.cli import run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cohort", default="external", help="cohort name shown in the outputs")
-    parser.add_argument(
-        "--bootstrap",
-        type=non_negative_int,
-        default=1000,
-        help="bootstrap resamples of patients (0: no CI)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    add_bootstrap_options(parser)
     parser.add_argument(
         "--strict", action="store_true",
         help="a failed or missing fold, or a slide without usable features, is an error "
