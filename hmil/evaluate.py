@@ -29,10 +29,8 @@ import re
 from pathlib import Path
 
 from hmil.evaluation.cli_options import add_bootstrap_options
-from hmil.evaluation.outputs import write_failed_outputs, write_outputs
-from hmil.evaluation.report import ci_text, fmt, mean_std_text
-from hmil.evaluation.runs import NoFoldError, load_folds, run_identity
-from hmil.evaluation.summary import evaluate
+from hmil.evaluation.cross_validation import EvaluationConfig, evaluate_run
+from hmil.evaluation.report import headline_text
 from plumbing.cli import run_cli, setup_logging
 
 # ---- command line ----------------------------------------------------------------------------
@@ -69,31 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.name is not None and not re.fullmatch(r"[^/\s]+/[^/\s]+", args.name):
         parser.error(f"--name must be ENCODER/MODEL, got {args.name!r}")
     setup_logging(args.verbose)
-    identity = run_identity(args.run_dirs, args.name)
-    try:
-        folds, missing = load_folds(args.run_dirs, args.strict)
-    except NoFoldError as error:
-        if args.on_error == "fail" or args.strict:
-            raise
-        name = "/".join(identity)
-        figures = ["training_curves.png"] + [
-            f"{kind}_{level}.png" for level in ("fine", "coarse_from_fine")
-            for kind in ("roc", "confusion")
-        ]  # fmt: skip
-        write_failed_outputs(args.out, name, str(error), figures)
-        print(f"error: {name}: {error}; recorded as a failed evaluation in {args.out}")
-        return 0
-    params = {"bootstrap": args.bootstrap, "seed": args.seed, "strict": args.strict}
-    evaluation = evaluate(folds, missing, identity, params)
-    rows = write_outputs(evaluation, args.out)
-    fine = {row["metric"]: row for row in rows if row["level"] == "fine"}
-    auc = fine["auc"]
-    missing_text = ", ".join(m.describe() for m in missing) or "none"
-    print(
-        f"{evaluation.name}: {len(folds)} folds evaluated (missing: {missing_text}); fine AUC "
-        f"{mean_std_text(auc['mean'], auc['std'], auc['n_folds'])} over folds, pooled "
-        f"{fmt(auc['pooled'])} {ci_text(auc['ci_low'], auc['ci_high'])} → {args.out}"
+    config = EvaluationConfig(
+        run_dirs=tuple(args.run_dirs),
+        out=args.out,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        strict=args.strict,
+        record_failure=args.on_error == "record",
+        name=args.name,
     )
+    run = evaluate_run(config)
+    if run.evaluation is None:
+        print(f"error: {run.name}: {run.failure}; recorded as a failed evaluation in {config.out}")
+    else:
+        print(f"{headline_text(run.evaluation, run.rows)} → {config.out}")
     return 0
 
 

@@ -40,6 +40,17 @@ def ci_text(low: float, high: float) -> str:
     return "n/a" if math.isnan(low) else f"[{fmt(low)}, {fmt(high)}]"
 
 
+def headline_text(evaluation: Evaluation, rows: list[dict[str, Any]]) -> str:
+    """One line: the folds evaluated, the fine AUC over folds and pooled with its CI."""
+    auc = {row["metric"]: row for row in rows if row["level"] == "fine"}["auc"]
+    missing = ", ".join(m.describe() for m in evaluation.missing) or "none"
+    return (
+        f"{evaluation.name}: {len(evaluation.folds)} folds evaluated (missing: {missing}); "
+        f"fine AUC {mean_std_text(auc['mean'], auc['std'], auc['n_folds'])} over folds, "
+        f"pooled {fmt(auc['pooled'])} {ci_text(auc['ci_low'], auc['ci_high'])}"
+    )
+
+
 def header_lines(evaluation: Evaluation) -> list[str]:
     used = ", ".join(str(fold.fold) for fold in evaluation.folds)
     total = len(evaluation.folds) + len(evaluation.missing)
