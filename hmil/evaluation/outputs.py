@@ -17,9 +17,7 @@ from hmil.evaluation.report import (
     summary_json,
     summary_markdown,
 )
-from hmil.evaluation.runs import (
-    REQUIRED_COLUMNS,
-)
+from hmil.evaluation.runs import REQUIRED_COLUMNS
 from hmil.evaluation.summary import (
     Evaluation,
     confusion_table,
@@ -68,32 +66,42 @@ def write_outputs(evaluation: Evaluation, out: Path) -> list[dict[str, Any]]:
             temp_of[name].write_text(text)
         for name, (table, keep_index) in tables.items():
             table.to_csv(temp_of[name], index=keep_index)
-        for level, result in evaluation.levels.items():
-            title = f"{evaluation.name}: {level}"
-            summary_of = {row["metric"]: row for row in rows if row["level"] == level}
-            plots.plot_roc(
-                temp_of[f"roc_{level}.png"],
-                result.pooled_labels,
-                result.pooled_probs,
-                result.classes,
-                result.pooled.per_class["auc"],
-                summary_of["auc"]["pooled"],
-                f"{title} — pooled out-of-fold ROC (one-vs-rest)",
-                metadata,
-            )
-            plots.plot_confusion(
-                temp_of[f"confusion_{level}.png"],
-                result.pooled.confusion,
-                result.classes,
-                f"{title} — pooled confusion (count, row %)",
-                metadata,
-            )
-        logs = {f"fold {f.fold}": f.log_table for f in evaluation.folds if f.log_table is not None}
-        best = {f"fold {f.fold}": f.best_epoch for f in evaluation.folds}
-        plots.plot_training_curves(
-            temp_of["training_curves.png"], logs, best, f"{evaluation.name}: training", metadata
-        )
+        draw_figures(evaluation, rows, temp_of, metadata)
     return rows
+
+
+def draw_figures(
+    evaluation: Evaluation,
+    rows: list[dict[str, Any]],
+    temp_of: dict[str, Path],
+    metadata: dict[str, str],
+) -> None:
+    """ROC and confusion per level, and the training curves, into their temporary paths."""
+    for level, result in evaluation.levels.items():
+        title = f"{evaluation.name}: {level}"
+        summary_of = {row["metric"]: row for row in rows if row["level"] == level}
+        plots.plot_roc(
+            temp_of[f"roc_{level}.png"],
+            result.pooled_labels,
+            result.pooled_probs,
+            result.classes,
+            result.pooled.per_class["auc"],
+            summary_of["auc"]["pooled"],
+            f"{title} — pooled out-of-fold ROC (one-vs-rest)",
+            metadata,
+        )
+        plots.plot_confusion(
+            temp_of[f"confusion_{level}.png"],
+            result.pooled.confusion,
+            result.classes,
+            f"{title} — pooled confusion (count, row %)",
+            metadata,
+        )
+    logs = {f"fold {f.fold}": f.log_table for f in evaluation.folds if f.log_table is not None}
+    best = {f"fold {f.fold}": f.best_epoch for f in evaluation.folds}
+    plots.plot_training_curves(
+        temp_of["training_curves.png"], logs, best, f"{evaluation.name}: training", metadata
+    )
 
 
 def write_failed_outputs(out: Path, name: str, reason: str, figures: list[str]) -> None:

@@ -22,6 +22,7 @@ from hmil.evaluation.summary import (
     METRIC_TITLES,
     NEVER_PREDICTED,
     Evaluation,
+    LevelResult,
     absent_classes,
 )
 
@@ -73,49 +74,60 @@ def provenance_line(evaluation: Evaluation) -> str:
 def summary_markdown(evaluation: Evaluation, rows: list[dict[str, Any]]) -> str:
     external = evaluation.kind == "external"
     title = "External validation" if external else "Evaluation"
-    spread, pooled = ("Fold models: mean ± SD", "Ensemble") if external else (
-        "Mean ± SD over folds", "Pooled")  # fmt: skip
     lines = [f"# {title}: {evaluation.name}", "", *header_lines(evaluation), ""]
     for level in LEVELS:
         if level in evaluation.skipped:
             lines += [f"## {level}", "", f"Skipped: {evaluation.skipped[level]}.", ""]
             continue
-        result = evaluation.levels[level]
-        table = pd.DataFrame(
-            [
-                {
-                    "Metric": METRIC_TITLES[row["metric"]],
-                    spread: mean_std_text(row["mean"], row["std"], row["n_folds"]),
-                    "Folds": row["n_folds"],
-                    pooled: fmt(row["pooled"]),
-                    f"{CI_LEVEL:.0%} CI ({pooled.lower()})": ci_text(row["ci_low"], row["ci_high"]),
-                }
-                for row in rows
-                if row["level"] == level
-            ]
-        )
-        lines += [
-            f"## {level} ({len(result.classes)} classes)",
-            "",
-            table.to_markdown(index=False, disable_numparse=True),
+        level_rows = [row for row in rows if row["level"] == level]
+        lines += level_section(evaluation.levels[level], level_rows, external)
+    lines += notes_lines(evaluation)
+    return "\n".join(lines)
+
+
+def level_section(result: LevelResult, rows: list[dict[str, Any]], external: bool) -> list[str]:
+    """One level of summary.md: its metric table, then why some values are missing."""
+    spread, pooled = ("Fold models: mean ± SD", "Ensemble") if external else (
+        "Mean ± SD over folds", "Pooled")  # fmt: skip
+    table = pd.DataFrame(
+        [
+            {
+                "Metric": METRIC_TITLES[row["metric"]],
+                spread: mean_std_text(row["mean"], row["std"], row["n_folds"]),
+                "Folds": row["n_folds"],
+                pooled: fmt(row["pooled"]),
+                f"{CI_LEVEL:.0%} CI ({pooled.lower()})": ci_text(row["ci_low"], row["ci_high"]),
+            }
+            for row in rows
         ]
-        lines.append("")
-        for fold, metrics in result.per_fold.items():
-            absent = absent_classes(metrics, result.classes)
-            if absent:
-                lines.append(
-                    f"- Fold {fold}: AUC over the {len(result.classes) - len(absent)} classes "
-                    f"present; {ABSENT}: {', '.join(absent)}."
-                )
-        if len(result.classes) == 2:
-            positive, negative = result.classes[1], result.classes[0]
+    )
+    lines = [
+        f"## {result.level} ({len(result.classes)} classes)",
+        "",
+        table.to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
+    for fold, metrics in result.per_fold.items():
+        absent = absent_classes(metrics, result.classes)
+        if absent:
             lines.append(
-                f"- Binary level: sensitivity = recall of {positive!r}, specificity = recall "
-                f"of {negative!r}."
+                f"- Fold {fold}: AUC over the {len(result.classes) - len(absent)} classes "
+                f"present; {ABSENT}: {', '.join(absent)}."
             )
-        lines.append("")
+    if len(result.classes) == 2:
+        positive, negative = result.classes[1], result.classes[0]
+        lines.append(
+            f"- Binary level: sensitivity = recall of {positive!r}, specificity = recall "
+            f"of {negative!r}."
+        )
+    lines.append("")
+    return lines
+
+
+def notes_lines(evaluation: Evaluation) -> list[str]:
+    """The conventions summary.md's numbers follow, so a reader can check them."""
     params = evaluation.params
-    lines += [
+    return [
         "## Notes",
         "",
         "- AUC: macro one-vs-rest AUC over the classes present in the test set; a class "
@@ -125,7 +137,7 @@ def summary_markdown(evaluation: Evaluation, rows: list[dict[str, Any]]) -> str:
         (
             "- Ensemble: the mean of the fold models' probabilities per slide (the deployed "
             "prediction); fold models: each fold's model alone on the same slides."
-            if external
+            if evaluation.kind == "external"
             else "- Pooled: the test predictions of all folds together, each slide scored by "
             "its own fold's model."
         ),
@@ -135,7 +147,6 @@ def summary_markdown(evaluation: Evaluation, rows: list[dict[str, Any]]) -> str:
         f"- {provenance_line(evaluation)}",
         "",
     ]
-    return "\n".join(lines)
 
 
 def per_class_markdown(evaluation: Evaluation, table: pd.DataFrame) -> str:

@@ -179,21 +179,44 @@ def read_fold(run_dir: Path, position: int) -> Fold | MissingFold:
         recorded = (metrics.get("config") or {}).get("fold")
         fold = int(recorded) if isinstance(recorded, int) else position
     table = read_predictions(path)
-    classes = column_classes(list(table.columns), path)
-    recorded_classes = hierarchy_classes(run_dir)
-    if recorded_classes is not None:
-        if set(recorded_classes.fine) != set(classes.fine) or set(recorded_classes.coarse) != set(
-            classes.coarse
-        ):
-            raise EvaluationError(
-                f"{path}: probability columns (fine {', '.join(classes.fine)}; coarse "
-                f"{', '.join(classes.coarse)}) do not match the hierarchy recorded in {run_dir}"
-            )
-        classes = recorded_classes
+    classes = fold_classes(table, path, run_dir)
     split = table["split"].astype(str).str.strip().str.lower()
     test = table[split == "test"].reset_index(drop=True)
     if test.empty:
         return MissingFold(fold, run_dir, f"{path} has no test rows")
+    coarse_empty = check_test_rows(test, classes, path)
+    best_epoch = metrics.get("best_epoch")
+    return Fold(
+        fold=fold,
+        run_dir=run_dir,
+        test=test,
+        classes=classes,
+        has_coarse_head=not coarse_empty,
+        log_table=read_log_table(run_dir, fold),
+        best_epoch=best_epoch if isinstance(best_epoch, int) else None,
+        train_code_version=metrics.get("code_version"),
+    )
+
+
+def fold_classes(table: pd.DataFrame, path: Path, run_dir: Path) -> Classes:
+    """The classes of the probability columns, in the order of the hierarchy the run
+    recorded (if it did, the two must name the same classes)."""
+    classes = column_classes(list(table.columns), path)
+    recorded = hierarchy_classes(run_dir)
+    if recorded is None:
+        return classes
+    if set(recorded.fine) != set(classes.fine) or set(recorded.coarse) != set(classes.coarse):
+        raise EvaluationError(
+            f"{path}: probability columns (fine {', '.join(classes.fine)}; coarse "
+            f"{', '.join(classes.coarse)}) do not match the hierarchy recorded in {run_dir}"
+        )
+    return recorded
+
+
+def check_test_rows(test: pd.DataFrame, classes: Classes, path: Path) -> bool:
+    """Clean the test rows in place (labels stripped, no patient id: own patient) and refuse
+    unknown labels or empty probabilities. Returns whether the coarse head is empty (a flat
+    model): then all its p_coarse_* are, never only some."""
     for column, names in (("fine_label", classes.fine), ("coarse_label", classes.coarse)):
         test[column] = test[column].astype(str).str.strip()
         unknown = sorted(set(test[column]) - set(names))
@@ -210,23 +233,18 @@ def read_fold(run_dir: Path, position: int) -> Fold | MissingFold:
     coarse_empty = test[[f"p_coarse_{name}" for name in classes.coarse]].isna().to_numpy()
     if coarse_empty.any() and not coarse_empty.all():
         raise EvaluationError(f"{path}: p_coarse_* columns are partly empty in test rows")
-    log_table = None
-    if (run_dir / "log.csv").is_file():
-        try:
-            log_table = pd.read_csv(run_dir / "log.csv")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-            log.warning("%s: unreadable; fold %d left out of training_curves.png", run_dir, fold)
-    best_epoch = metrics.get("best_epoch")
-    return Fold(
-        fold=fold,
-        run_dir=run_dir,
-        test=test,
-        classes=classes,
-        has_coarse_head=not coarse_empty.all(),
-        log_table=log_table,
-        best_epoch=best_epoch if isinstance(best_epoch, int) else None,
-        train_code_version=metrics.get("code_version"),
-    )
+    return bool(coarse_empty.all())
+
+
+def read_log_table(run_dir: Path, fold: int) -> pd.DataFrame | None:
+    """The fold's log.csv for the training curves; a bad one only costs its curve."""
+    if not (run_dir / "log.csv").is_file():
+        return None
+    try:
+        return pd.read_csv(run_dir / "log.csv")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        log.warning("%s: unreadable; fold %d left out of training_curves.png", run_dir, fold)
+        return None
 
 
 def load_folds(run_dirs: list[Path], strict: bool) -> tuple[list[Fold], list[MissingFold]]:
