@@ -32,18 +32,18 @@ from pathlib import Path
 import cv2
 import torch
 
-from preprocessing.extract import (
-    EncoderRunner,
-    default_workers,
-    extract_features,
-    resolve_device,
-)
 from preprocessing.features.encoders import EncoderError, build_encoder, list_encoders
 from preprocessing.features.patch_dataset import (
     PatchDataset,
     iter_batches,
     patch_loader,
     read_geometry,
+)
+from preprocessing.features.runner import (
+    EncoderRunner,
+    default_workers,
+    extract_features,
+    resolve_device,
 )
 from preprocessing.slides.access import open_slide, read_rgb
 from preprocessing.slides.patching import PatchParams, patch_slide

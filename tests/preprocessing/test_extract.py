@@ -16,11 +16,13 @@ import pytest
 import timm
 import torch
 
-import preprocessing.extract
+import preprocessing.features.extraction
+import preprocessing.features.runner
 from plumbing.cli import run_cli
 from plumbing.errors import SlideError
-from preprocessing.extract import main, validate_features
+from preprocessing.extract import main
 from preprocessing.features.encoders import build_encoder
+from preprocessing.features.features_files import validate_features
 from preprocessing.slides.patching import PatchParams, patch_slide, write_failure, write_outputs
 from preprocessing.slides.synthetic import Ellipse, SlideSpec, write_slide
 
@@ -523,7 +525,7 @@ def test_a_rerun_keeps_valid_outputs_without_loading_the_model(
     def no_model(*_):
         raise AssertionError("the encoder was built although every output is valid")
 
-    monkeypatch.setattr(preprocessing.extract, "build_encoder", no_model)
+    monkeypatch.setattr(preprocessing.features.extraction, "build_encoder", no_model)
     code, stdout, _ = run(cohort_args(cohort, weights, sheet=only_cmu), capsys)
     assert code == 0 and "already complete and valid; skipped" in stdout
     assert (cohort["out"] / "cmu.h5").stat().st_mtime_ns == written
@@ -603,6 +605,8 @@ def test_mixing_the_two_modes_is_a_usage_error(argv, capsys):
 
 @pytest.mark.parametrize(("cpus", "on_gpu"), [(1, 1), (4, 3), (17, 16), (64, 16)])
 def test_default_readers_leave_a_cpu_for_the_main_process(monkeypatch, cpus, on_gpu):
-    monkeypatch.setattr(preprocessing.extract.os, "sched_getaffinity", lambda _: range(cpus))
-    assert preprocessing.extract.default_workers(torch.device("cpu")) == 1
-    assert preprocessing.extract.default_workers(torch.device("cuda")) == on_gpu
+    monkeypatch.setattr(
+        preprocessing.features.runner.os, "sched_getaffinity", lambda _: range(cpus)
+    )
+    assert preprocessing.features.runner.default_workers(torch.device("cpu")) == 1
+    assert preprocessing.features.runner.default_workers(torch.device("cuda")) == on_gpu

@@ -15,7 +15,8 @@ import tifffile
 
 from preprocessing import feature_summary
 from preprocessing.extract import main as extract_main
-from preprocessing.extract import unreadable_verdict, validate_features
+from preprocessing.features.features_files import validate_features
+from preprocessing.features.unreadable import unreadable_verdict
 from preprocessing.slides.patching import PatchParams, patch_slide, write_outputs
 from preprocessing.slides.synthetic import Ellipse, SlideSpec, write_slide
 

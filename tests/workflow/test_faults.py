@@ -40,7 +40,7 @@ import yaml
 
 from hmil.data.synthetic import SyntheticConfig, generate_cohort
 from hmil.data.synthetic import write_cohort as write_feature_cohort
-from preprocessing.extract import validate_features
+from preprocessing.features.features_files import validate_features
 from preprocessing.slides.demo_cohort import write_cohort
 from tests.conftest import snakemake_command
 from tests.workflow.configs import write_workflow_config
