@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from hmil.data.bags import BagDataset, BagError, drop_flagged_slides
 from hmil.data.feature_record import cohort_feature_record
+from hmil.data.fold_tables import load_fold_tables
 from hmil.data.hierarchy import HierarchyError, hierarchy_as_dict, load_hierarchy
 from hmil.models import create_model, list_models
 from hmil.models.mhim import MHIM, TeacherError, load_teacher
@@ -49,7 +50,6 @@ from hmil.training.loop import (
     epoch_loader,
     epoch_log_row,
     learning_warnings,
-    load_fold_tables,
     predict,
     predictions_table,
     restore_rng_states,

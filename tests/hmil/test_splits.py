@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hmil.data.fold_tables import load_fold_tables
 from hmil.data.hierarchy import Hierarchy
 from hmil.data.splits import (
     SplitError,
@@ -18,7 +19,6 @@ from hmil.data.splits import (
     patients_needed,
 )
 from hmil.splits import main
-from hmil.training.loop import load_fold_tables
 from plumbing.cli import run_cli
 
 FINE = ("a1", "a2", "b1", "b2", "c1", "c2")
