@@ -44,6 +44,7 @@ from hmil.data.hierarchy import HierarchyError, hierarchy_as_dict, load_hierarch
 from hmil.models import create_model, list_models
 from hmil.models.mhim import MHIM, TeacherError, load_teacher
 from hmil.training.loop import (
+    SlidePredictions,
     TrainConfig,
     TrainingError,
     device_record,
@@ -733,21 +734,35 @@ def write_final_outputs(
             torch.save(checkpoint, buffer)
         predictions_table(split_predictions, tables, hierarchy).to_csv(predictions_tmp, index=False)
         write_json(metrics_tmp, metrics)
-        if "test" in split_predictions:
-            write_attention(
-                attention_tmp, split_predictions["test"], datasets["test"], hierarchy, args.model
-            )
-        else:  # an empty file still marks the run complete
-            write_attention_empty(attention_tmp, hierarchy, args.model)
+        write_test_attention(
+            attention_tmp, split_predictions.get("test"), datasets["test"], hierarchy, args.model
+        )
         pd.DataFrame(state["history"]).to_csv(log_tmp, index=False)
     log.info("wrote %s (best epoch %s)", out, state["best_epoch"])
 
 
-def write_attention_empty(path: Path, hierarchy, model_name: str) -> None:
-    with buffered(path) as buffer, h5py.File(buffer, "w") as file:
-        file.attrs["fine_classes"] = list(hierarchy.fine)
-        file.attrs["coarse_classes"] = list(hierarchy.coarse)
-        file.attrs["model"] = model_name
+def write_test_attention(
+    path: Path,
+    predictions: SlidePredictions | None,
+    dataset: BagDataset,
+    hierarchy,
+    model_name: str,
+) -> None:
+    """attention.h5 of the test slides; without test slides an empty file still marks the
+    run complete."""
+    if predictions is None:
+        write_attention(path, [], [], [], None, hierarchy, model_name)
+        return
+    path_of = dict(zip(dataset.slide_ids, dataset.paths, strict=True))
+    write_attention(
+        path,
+        predictions.slide_ids,
+        [path_of[slide_id] for slide_id in predictions.slide_ids],
+        predictions.fine_attention,
+        predictions.coarse_attention,
+        hierarchy,
+        model_name,
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,36 +180,23 @@ def external_evaluation(
 # ---- outputs ---------------------------------------------------------------------------------
 
 
-@dataclass
-class FeatureFiles:
-    """Slide ids and feature paths in the shape :func:`hmil.training.loop.write_attention` reads."""
-
-    slide_ids: list[str]
-    paths: list[Path]
-
-
 def write_attention(path: Path, cohort: Cohort, results: dict[str, BagEnsemble], models) -> None:
     """attention.h5 of the ensemble, in the layout of a fold's (hmil.heatmaps reads both)."""
-    from hmil.training.loop import SlidePredictions
     from hmil.training.loop import write_attention as write_fold_attention
 
     slide_ids = [s for s in cohort.slides["slide_id"] if s in results]
     paths = dict(zip(cohort.slides["slide_id"], cohort.slides["path"], strict=True))
     ensembles = [results[s] for s in slide_ids]
     has_coarse = all(e.coarse_attention is not None for e in ensembles)
-    predictions = SlidePredictions(
-        slide_ids=slide_ids,
-        fine_labels=np.full(len(slide_ids), -1),
-        coarse_labels=np.full(len(slide_ids), -1),
-        fine_probs=np.stack([e.fine for e in ensembles]),
-        coarse_probs=None,
-        coarse_from_fine=np.stack([e.coarse_from_fine for e in ensembles]),
-        fine_attention=[e.fine_attention for e in ensembles],
-        coarse_attention=[e.coarse_attention for e in ensembles] if has_coarse else None,
-        loss={},
+    write_fold_attention(
+        path,
+        slide_ids,
+        [Path(paths[s]) for s in slide_ids],
+        [e.fine_attention for e in ensembles],
+        [e.coarse_attention for e in ensembles] if has_coarse else None,
+        models[0].hierarchy,
+        models[0].name,
     )
-    files = FeatureFiles(slide_ids, [Path(paths[s]) for s in slide_ids])
-    write_fold_attention(path, predictions, files, models[0].hierarchy, models[0].name)
     with h5py.File(path, "a") as file:
         file.attrs["ensemble_folds"] = [m.fold for m in models]
         file.attrs["attention"] = "mean over the fold models, per patch"

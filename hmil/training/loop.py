@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -436,31 +437,35 @@ def predictions_table(
 
 def write_attention(
     path: Path,
-    predictions: SlidePredictions,
-    dataset: BagDataset,
+    slide_ids: Sequence[str],
+    feature_paths: Sequence[Path],
+    fine_attention: Sequence[np.ndarray],
+    coarse_attention: Sequence[np.ndarray] | None,
     hierarchy: Hierarchy,
     model_name: str,
 ) -> None:
-    """attention.h5: a group per slide with ``coords`` (from its feature h5, when it has
-    them), ``fine_attention`` [C_f or 1, N] and, for hierarchical models,
-    ``coarse_attention`` [C_c, N]. Root attributes name the classes and the model."""
+    """attention.h5 (a fold's or a deployed ensemble's): a group per slide with ``coords``
+    (from its feature file ``feature_paths[i]``, when an h5 has them), ``fine_attention``
+    [C_f or 1, N] and, for hierarchical models, ``coarse_attention`` [C_c, N]. Root
+    attributes name the classes and the model (and, with slides, the fine rows' kind)."""
     with buffered(path) as buffer, h5py.File(buffer, "w") as file:
         file.attrs["fine_classes"] = list(hierarchy.fine)
         file.attrs["coarse_classes"] = list(hierarchy.coarse)
         file.attrs["model"] = model_name
-        file.attrs["fine_attention_rows"] = (
-            "class" if predictions.fine_attention[0].shape[0] == hierarchy.num_fine else "single"
-        )
-        for index, slide_id in enumerate(predictions.slide_ids):
+        if slide_ids:
+            file.attrs["fine_attention_rows"] = (
+                "class" if fine_attention[0].shape[0] == hierarchy.num_fine else "single"
+            )
+        for index, slide_id in enumerate(slide_ids):
             group = file.create_group(slide_id)
-            feature_path = dataset.paths[dataset.slide_ids.index(slide_id)]
+            feature_path = Path(feature_paths[index])
             if feature_path.suffix == ".h5":
                 with h5py.File(feature_path, "r") as features:
                     if "coords" in features:
                         group.create_dataset("coords", data=features["coords"][()])
-            group.create_dataset("fine_attention", data=predictions.fine_attention[index])
-            if predictions.coarse_attention is not None:
-                group.create_dataset("coarse_attention", data=predictions.coarse_attention[index])
+            group.create_dataset("fine_attention", data=fine_attention[index])
+            if coarse_attention is not None:
+                group.create_dataset("coarse_attention", data=coarse_attention[index])
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
