@@ -194,11 +194,7 @@ def extract_slide(
     )
     skipped, coords = result.skipped_indices, patches.coords[result.kept]
     _check_finite(job, spec, result, coords, attrs["weights"])
-    for row, message in result.errors.items():
-        x, y = patches.coords[row]
-        log.warning(
-            "%s: skipped unreadable patch at level-0 (%d, %d) (%s)", job.slide, x, y, message
-        )
+    _log_unreadable(job, patches, result)
     attrs.update(read_level=geometry.level, read_size=geometry.region_size)
     status, reason = unreadable_verdict(
         len(skipped), len(patches.coords), params.max_unreadable_fraction
@@ -242,6 +238,14 @@ def _check_finite(
         raise PipelineError(
             f"{job.slide}: encoder {spec.name} gave NaN/Inf features for {len(not_finite)} "
             f"patches (first at level-0 ({x}, {y})); check the weights ({weights})"
+        )
+
+
+def _log_unreadable(job: SlideJob, patches: Patches, result: Extraction) -> None:
+    for row, message in result.errors.items():
+        x, y = patches.coords[row]
+        log.warning(
+            "%s: skipped unreadable patch at level-0 (%d, %d) (%s)", job.slide, x, y, message
         )
 
 
