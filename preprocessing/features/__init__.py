@@ -11,6 +11,9 @@ device and precision and runs batches through the encoder;
 unreadable tiles; :mod:`~preprocessing.features.extraction` makes one slide's features,
 keeping a valid output; :mod:`~preprocessing.features.cohort` does so for every slide of a
 sheet with the model loaded once; :mod:`~preprocessing.features.summary` lists the slides
-degraded by unreadable patches. ``python -m preprocessing.extract`` and
+degraded by unreadable patches. Features made elsewhere (CLAM, TRIDENT, the HMIL layout)
+are found by :mod:`~preprocessing.features.import_sources`, checked by
+:mod:`~preprocessing.features.import_checks` and written as thin, linking features files by
+:mod:`~preprocessing.features.importing`. ``python -m preprocessing.extract`` and
 ``python -m preprocessing.import_features`` are the edges over them.
 """

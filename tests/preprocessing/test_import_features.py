@@ -18,7 +18,9 @@ from hmil.data.bags import BagError, flagged_reason, load_bag_features, read_bag
 from hmil.data.synthetic import SyntheticConfig
 from hmil.evaluate import main as evaluate_main
 from hmil.train import main as train_main
-from preprocessing.import_features import import_cohort, main, patch_geometry
+from preprocessing.features.import_checks import patch_geometry
+from preprocessing.features.importing import import_cohort
+from preprocessing.import_features import main
 from tests.hmil import train_cli
 from tests.hmil.train_cli import write_fold_cohort
 from tests.preprocessing.feature_layouts import (

@@ -17,7 +17,7 @@ os.environ.update(
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from plumbing.errors import SheetError  # noqa: E402
-from preprocessing.import_features import (  # noqa: E402
+from preprocessing.features.import_sources import (  # noqa: E402
     FeatureImportError,
     locate_cohort,
 )
