@@ -182,7 +182,7 @@ def external_evaluation(
 
 def write_attention(path: Path, cohort: Cohort, results: dict[str, BagEnsemble], models) -> None:
     """attention.h5 of the ensemble, in the layout of a fold's (hmil.heatmaps reads both)."""
-    from hmil.training.loop import write_attention as write_fold_attention
+    from hmil.training.outputs import write_attention as write_fold_attention
 
     slide_ids = [s for s in cohort.slides["slide_id"] if s in results]
     paths = dict(zip(cohort.slides["slide_id"], cohort.slides["path"], strict=True))

@@ -12,7 +12,8 @@ import torch
 import hmil.data.bags
 from hmil.data.synthetic import SyntheticConfig
 from hmil.train import main
-from hmil.training.loop import drop_instances, learning_warnings
+from hmil.training.loop import drop_instances
+from hmil.training.selection import learning_warnings
 from tests.hmil.train_cli import write_fold_cohort
 
 SMALL = SyntheticConfig(

@@ -1,0 +1,104 @@
+"""The model and loss a fold trains: the model of ``--model`` with its dropout and MHIM
+options, its loss preset, and for MHIM models the teacher it starts from."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hmil.data.hierarchy import Hierarchy
+from hmil.models import create_model, list_models
+from hmil.models.mhim import MHIM, TeacherError, load_teacher
+from hmil.training.config import TrainingError, TrainSettings
+from hmil.training.losses import LossConfig
+
+
+@dataclass(frozen=True)
+class ModelAndLoss:
+    """A built model (on its device), the loss settings it trains with and, for an MHIM
+    model, the sha256 of its teacher's model.pt."""
+
+    model: nn.Module
+    loss_config: LossConfig
+    loss_preset: str
+    teacher_sha256: str | None = None
+
+    @property
+    def mhim_preset(self) -> str | None:
+        return self.model.preset if isinstance(self.model, MHIM) else None
+
+
+def check_model_name(name: str) -> None:
+    if name not in list_models():
+        raise TrainingError(f"unknown model {name!r} (available: {', '.join(list_models())})")
+
+
+def build_model(
+    settings: TrainSettings, hierarchy: Hierarchy, in_dim: int, device: torch.device
+) -> ModelAndLoss:
+    """The model and loss of ``settings``; TrainingError (one line) for options that do not
+    fit the model, an unknown preset or an unusable teacher."""
+    model_kwargs = mhim_model_kwargs(settings)
+    if settings.dropout > 0:  # every model takes dropout; 0 keeps each model's own default
+        model_kwargs["dropout"] = settings.dropout
+    try:
+        model = create_model(settings.model, in_dim=in_dim, hierarchy=hierarchy, **model_kwargs)
+    except ValueError as error:  # e.g. an unknown MHIM preset
+        raise TrainingError(str(error)) from None
+    model = model.to(device)
+    loss_preset = settings.loss_preset or default_loss_preset(model, in_dim)
+    try:
+        loss_config = LossConfig.preset(loss_preset)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    if not isinstance(model, MHIM):
+        return ModelAndLoss(model, loss_config, loss_preset)
+    # one source for the consistency weight: the MHIM preset's cl_alpha
+    loss_config = dataclasses.replace(loss_config, consistency=model.config.cl_alpha)
+    try:
+        teacher_sha256 = load_teacher(
+            model, settings.teacher, in_dim, list(hierarchy.fine), settings.fold
+        )
+    except TeacherError as error:
+        raise TrainingError(f"--teacher {error}") from None
+    return ModelAndLoss(model, loss_config, loss_preset, teacher_sha256)
+
+
+def mhim_model_kwargs(settings: TrainSettings) -> dict[str, Any]:
+    """Model kwargs from the MHIM options; they belong to mhim_* models only."""
+    if not settings.model.startswith("mhim_"):
+        for option in ("teacher", "mhim_preset"):
+            if getattr(settings, option) is not None:
+                flag = "--" + option.replace("_", "-")
+                raise TrainingError(f"{flag} applies to mhim_* models only, not {settings.model!r}")
+        return {}
+    if settings.teacher is None:
+        student = settings.model.removeprefix("mhim_")
+        raise TrainingError(
+            f"--model {settings.model} needs --teacher PATH: the {student!r} model.pt of the "
+            f"same fold (e.g. models/<encoder>/{student}/fold{settings.fold}/model.pt)"
+        )
+    return {"mhim": settings.mhim_preset} if settings.mhim_preset is not None else {}
+
+
+def default_loss_preset(model: nn.Module, in_dim: int) -> str:
+    """hmil for models with a coarse head, else the model's own (``loss_preset``
+    attribute: clam, dsmil), else flat."""
+    if has_coarse_head(model, in_dim):
+        return "hmil"
+    return getattr(model, "loss_preset", "flat")
+
+
+def has_coarse_head(model: nn.Module, in_dim: int) -> bool:
+    """Whether the model returns coarse logits (one eval forward of a 2-instance zero bag)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        parameter = next(model.parameters())
+        output = model(torch.zeros(2, in_dim, device=parameter.device))
+    model.train(was_training)
+    return output.coarse_logits is not None
