@@ -42,7 +42,7 @@ HOT_FINE_ROW = 2  # b1
 def write_attention_file(
     path: Path, slides: dict[str, np.ndarray], hot: int, with_coords: bool = True
 ) -> None:
-    """attention.h5 in the layout of hmil.training.loop.write_attention: class-wise fine and
+    """attention.h5 in the layout of hmil.training.outputs.write_attention: class-wise fine and
     coarse rows (each summing to 1); patch ``hot`` dominates fine row b1 only. Without
     coords, as training writes it for features that have none (bare .pt)."""
     rng = np.random.default_rng(0)
