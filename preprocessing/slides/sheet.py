@@ -50,23 +50,9 @@ def read_slide_sheet(
             rows = ", ".join(str(i + 2) for i in sheet.index[empty][:5])
             raise SheetError(f"{path}: empty `{column}` on line(s) {rows}")
     sheet["slide_id"] = sheet["slide_id"].str.strip()
-    duplicated = sheet["slide_id"][sheet["slide_id"].duplicated(keep=False)].unique()
-    if len(duplicated):
-        raise SheetError(f"{path}: duplicate slide_id(s): {', '.join(duplicated[:5])}")
-    unsafe = [s for s in sheet["slide_id"] if not SAFE_ID.match(s)]
-    if unsafe:
-        raise SheetError(
-            f"{path}: slide_id(s) not usable as file names: {', '.join(map(repr, unsafe[:5]))} "
-            "(use letters, digits, '.', '_' and '-')"
-        )
+    _check_slide_ids(path, sheet["slide_id"])
     if "mpp" in sheet.columns:
-        mpp = pd.to_numeric(sheet["mpp"], errors="coerce")
-        bad = sheet["mpp"].notna() & ~(mpp > 0)
-        if bad.any():
-            raise SheetError(
-                f"{path}: `mpp` must be a positive number (slide {sheet['slide_id'][bad].iloc[0]})"
-            )
-        sheet["mpp"] = mpp
+        sheet["mpp"] = _mpp_column(path, sheet)
     if "path" not in sheet.columns:
         return sheet.set_index("slide_id", drop=False)
     base = path.resolve().parent
@@ -74,3 +60,27 @@ def read_slide_sheet(
         str(p if Path(p).is_absolute() else base / p) for p in sheet["path"].str.strip()
     ]
     return sheet.set_index("slide_id", drop=False)
+
+
+def _check_slide_ids(path: Path, slide_ids: pd.Series) -> None:
+    """Slide ids name every output file: unique, and safe as file names."""
+    duplicated = slide_ids[slide_ids.duplicated(keep=False)].unique()
+    if len(duplicated):
+        raise SheetError(f"{path}: duplicate slide_id(s): {', '.join(duplicated[:5])}")
+    unsafe = [s for s in slide_ids if not SAFE_ID.match(s)]
+    if unsafe:
+        raise SheetError(
+            f"{path}: slide_id(s) not usable as file names: {', '.join(map(repr, unsafe[:5]))} "
+            "(use letters, digits, '.', '_' and '-')"
+        )
+
+
+def _mpp_column(path: Path, sheet: pd.DataFrame) -> pd.Series:
+    """The optional mpp override as numbers: empty means "read it from the slide"."""
+    mpp = pd.to_numeric(sheet["mpp"], errors="coerce")
+    bad = sheet["mpp"].notna() & ~(mpp > 0)
+    if bad.any():
+        raise SheetError(
+            f"{path}: `mpp` must be a positive number (slide {sheet['slide_id'][bad].iloc[0]})"
+        )
+    return mpp

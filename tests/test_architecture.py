@@ -1,0 +1,86 @@
+"""The layout rules of docs/ARCHITECTURE.md, checked on the source: small modules and
+functions, commands as the only edges, dependencies pointing one way."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("plumbing", "preprocessing", "hmil")
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+# Helpers of the command modules that live beside the cores they describe.
+EDGE_HELPERS = {"plumbing.cli", "hmil.evaluation.cli_options"}
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+SOURCES = {
+    module_name(path): path
+    for package in PACKAGES
+    for path in sorted((ROOT / package).rglob("*.py"))
+}
+# The commands: `python -m hmil.train`, `python -m preprocessing.patch`, ...
+COMMANDS = {
+    name
+    for name, path in SOURCES.items()
+    if path.parent.name in ("hmil", "preprocessing") and path.name != "__init__.py"
+}
+
+
+def tree_of(name: str) -> ast.Module:
+    return ast.parse(SOURCES[name].read_text(), filename=str(SOURCES[name]))
+
+
+def imported_modules(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_commands_are_the_top_level_modules_of_each_stage():
+    assert {"hmil.train", "hmil.evaluate", "hmil.splits", "hmil.heatmaps", "hmil.compare",
+            "hmil.predict", "preprocessing.patch", "preprocessing.extract",
+            "preprocessing.synthetic", "preprocessing.import_features"} <= COMMANDS  # fmt: skip
+    for name in COMMANDS:
+        assert "__main__" in SOURCES[name].read_text(), f"{name} is not a command"
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_modules_and_functions_are_small(name):
+    source = SOURCES[name].read_text()
+    assert len(source.splitlines()) <= MAX_MODULE_LINES, f"{name} has over {MAX_MODULE_LINES} lines"
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(tree_of(name))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"{name}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+@pytest.mark.parametrize("name", sorted(set(SOURCES) - COMMANDS - EDGE_HELPERS))
+def test_cores_never_parse_arguments_nor_import_a_command(name):
+    imports = imported_modules(tree_of(name))
+    assert "argparse" not in imports, f"{name} is core code but imports argparse"
+    assert not imports & COMMANDS, f"{name} imports the command(s) {sorted(imports & COMMANDS)}"
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [("plumbing", ("preprocessing", "hmil")), ("preprocessing", ("hmil",))],
+)
+def test_dependencies_point_from_hmil_to_preprocessing_to_plumbing(package, forbidden):
+    for name in (n for n in SOURCES if n.split(".")[0] == package):
+        wrong = {m for m in imported_modules(tree_of(name)) if m.split(".")[0] in forbidden}
+        assert not wrong, f"{name} imports {sorted(wrong)}"
