@@ -31,7 +31,7 @@ from pathlib import Path
 from hmil.evaluation.cli_options import add_bootstrap_options
 from hmil.evaluation.cross_validation import EvaluationConfig, evaluate_run
 from hmil.evaluation.report import headline_text
-from plumbing.cli import run_cli, setup_logging
+from plumbing.cli import config_from_args, run_cli, setup_logging
 
 # ---- command line ----------------------------------------------------------------------------
 
@@ -67,14 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.name is not None and not re.fullmatch(r"[^/\s]+/[^/\s]+", args.name):
         parser.error(f"--name must be ENCODER/MODEL, got {args.name!r}")
     setup_logging(args.verbose)
-    config = EvaluationConfig(
+    config = config_from_args(
+        EvaluationConfig,
+        args,
         run_dirs=tuple(args.run_dirs),
-        out=args.out,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-        strict=args.strict,
         record_failure=args.on_error == "record",
-        name=args.name,
     )
     run = evaluate_run(config)
     if run.evaluation is None:

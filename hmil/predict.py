@@ -25,7 +25,7 @@ import torch
 from hmil.evaluation.cli_options import add_bootstrap_options
 from hmil.evaluation.deploy import deploy
 from hmil.evaluation.deploy_inputs import DeployConfig, DeployError
-from plumbing.cli import run_cli, setup_logging
+from plumbing.cli import config_from_args, run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,16 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DeployError("--device cuda: no CUDA device is available")
-    config = DeployConfig(
+    config = config_from_args(
+        DeployConfig,
+        args,
         run_dirs=tuple(args.run_dirs),
         sheet=args.slides,
         features_dir=args.features,
-        out=args.out,
-        cohort=args.cohort,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-        strict=args.strict,
-        device=args.device,
     )
     table, failed, evaluation = deploy(config)
     line = f"{config.cohort}: {len(table)} slides predicted → {config.out}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hmil.data.split_files import SplitConfig, write_splits
 from hmil.data.splits import PROTOCOLS
-from plumbing.cli import run_cli, setup_logging
+from plumbing.cli import config_from_args, run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,18 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    config = SplitConfig(
-        sheet=args.sheet,
-        out=args.out,
-        folds=args.folds,
-        seed=args.seed,
-        hierarchy=args.hierarchy,
-        protocol=args.protocol,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        allow_sparse_classes=args.allow_sparse_classes,
-        clam_dir=args.clam_dir,
-    )
+    config = config_from_args(SplitConfig, args)
     splits = write_splits(config)
     print(
         f"{config.out}: {len(splits)} slides of {splits['patient_id'].nunique()} patients, "

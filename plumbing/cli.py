@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from plumbing.errors import PipelineError
 
 log = logging.getLogger("hmil")
+
+Config = TypeVar("Config")
+
+
+def config_from_args(config_type: type[Config], args: argparse.Namespace, **values: Any) -> Config:
+    """The typed configuration of a command, built once from its parsed options.
+
+    Each field takes the option of the same name; ``values`` gives the fields whose option
+    is named or shaped otherwise. A field with neither is a bug (AttributeError), never a
+    silent default.
+    """
+    names = [field.name for field in dataclasses.fields(config_type) if field.name not in values]
+    return config_type(**{name: getattr(args, name) for name in names}, **values)
 
 
 def non_negative_int(value: str) -> int:

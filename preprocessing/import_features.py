@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from plumbing.cli import run_cli, setup_logging
+from plumbing.cli import config_from_args, run_cli, setup_logging
 from preprocessing.features.importing import ImportRequest, import_sheet, report
 
 
@@ -35,14 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    request = ImportRequest(
-        source=args.source,
-        sheet=args.sheet,
-        encoder=args.encoder,
-        out_dir=args.out_dir,
-        patches_dir=args.patches_dir,
-        strict=args.strict,
-    )
+    request = config_from_args(ImportRequest, args)
     report(import_sheet(request), request)
     return 0
 
