@@ -355,7 +355,10 @@ def cell_summary(cell: str, table: pd.DataFrame) -> str:
                 f"(HMIL ≥ ABMIL in {difference['wins']}/{difference['n']})"
             )
     ordering = ablation_ordering(table.groupby("model")["fine_auc"].mean())
-    return f"- {cell}: " + "; ".join(parts) + f"; ablation ordering {ordering}"
+    parts.append(f"ablation ordering {ordering}")
+    if len(parts) == 1:  # neither HMIL nor ABMIL ran: nothing paired to say
+        parts.insert(0, "no HMIL − ABMIL pairs")
+    return f"- {cell}: " + "; ".join(parts)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
