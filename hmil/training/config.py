@@ -10,7 +10,7 @@ with one line naming the option.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -191,28 +191,21 @@ class TrainConfig:
         mhim_preset: str | None = None,
         teacher_sha256: str | None = None,
     ) -> TrainConfig:
-        """The record of a run of ``settings`` once its model and loss are built."""
+        """The record of a run of ``settings`` once its model and loss are built: the
+        settings' own fields, with the loss preset, MHIM preset and minimum epochs as
+        resolved."""
+        taken = {
+            f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)
+        }
         return cls(
-            model=settings.model,
-            fold=settings.fold,
-            epochs=settings.epochs,
-            seed=settings.seed,
-            batch_bags=settings.batch_bags,
-            lr=settings.lr,
-            optimizer=settings.optimizer,
-            scheduler=settings.scheduler,
-            patience=settings.patience,
-            loss_preset=loss_preset,
-            hierarchy=hierarchy_as_dict(hierarchy),
-            protocol=settings.protocol,
-            weight_decay=settings.weight_decay,
-            warmup_epochs=settings.warmup_epochs,
-            lr_floor=settings.lr_floor,
-            min_epochs=resolve_min_epochs(settings, loss_config),
-            dropout=settings.dropout,
-            instance_dropout=settings.instance_dropout,
-            mhim_preset=mhim_preset,
-            teacher_sha256=teacher_sha256,
+            **taken
+            | {
+                "loss_preset": loss_preset,
+                "hierarchy": hierarchy_as_dict(hierarchy),
+                "min_epochs": resolve_min_epochs(settings, loss_config),
+                "mhim_preset": mhim_preset,
+                "teacher_sha256": teacher_sha256,
+            }
         )
 
     def as_dict(self) -> dict[str, Any]:
