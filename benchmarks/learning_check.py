@@ -30,9 +30,12 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
+import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -220,6 +223,57 @@ def train_one(model: str, root: Path, fold: int, seed: int, flags: list[str], ou
         raise RuntimeError(f"hmil.train failed: {' '.join(args)}")
 
 
+def prepare_cohort(cell: Cell, seed: int, folds: int, workdir: Path, hierarchy) -> dict:
+    """Writes one (cell, seed) cohort and its DATA_SPLIT.csv; returns its key instances
+    per slide as (fine index, coarse index, key mask)."""
+    root = Path(workdir) / cell.name / f"seed{seed}"
+    generated = generate_cohort(hierarchy, cell.cohort(seed))
+    write_cohort(generated, root / "features")
+    fold_splits(generated.table, folds).to_csv(root / "DATA_SPLIT.csv", index=False)
+    return {
+        row.slide_id: (
+            hierarchy.fine_index(row.label),
+            hierarchy.coarse_index(row.coarse_label),
+            key,
+        )
+        for row, key in zip(generated.table.itertuples(), generated.key_instances, strict=True)
+    }
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the grid: (cell, seed, fold, model)."""
+
+    cell: str
+    seed: int
+    fold: int
+    model: str
+    root: Path
+
+    @property
+    def out(self) -> Path:
+        return self.root / f"{self.model.replace(':', '-')}_fold{self.fold}"
+
+
+def score_run(run: Run, flags: list[str], keys: dict) -> dict:
+    """Trains one run and returns its row (scores, key attention, seconds). Each run seeds
+    itself, so its row does not depend on what else runs, or in which process."""
+    hierarchy = load_hierarchy(HIERARCHY)
+    started = time.perf_counter()
+    train_one(run.model, run.root, run.fold, run.seed, flags, run.out)
+    row = {"cell": run.cell, "seed": run.seed, "fold": run.fold, "model": run.model}
+    row |= run_scores(run.out, hierarchy) | key_attention(run.out, keys, hierarchy)
+    row["seconds"] = time.perf_counter() - started
+    return row
+
+
+def quiet_worker() -> None:
+    """A grid process: one torch thread (small matrices: more only add overhead), and one
+    line per run instead of hmil.train's log."""
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+
+
 def run_grid(
     cells: list[Cell],
     models: list[str],
@@ -231,47 +285,50 @@ def run_grid(
     folds_to_run: int | None = None,
     progress: bool = True,
     partial: Path | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """One row per (cell, seed, fold, model) with the scores of :func:`run_scores` (and
-    :func:`key_attention`); ``partial`` is rewritten with the rows so far after each run,
-    so an interrupted grid still leaves its results."""
+    :func:`key_attention`), in that order whatever ``jobs`` (runs trained at once, each in
+    its own process on one thread); ``partial`` is rewritten with the rows so far after
+    each run, so an interrupted grid still leaves its results."""
     flags = training_flags() if flags is None else flags
     hierarchy = load_hierarchy(HIERARCHY)
-    rows = []
+    runs, keys = [], {}
     for cell in cells:
         for seed in seeds:
             root = Path(workdir) / cell.name / f"seed{seed}"
-            generated = generate_cohort(hierarchy, cell.cohort(seed))
-            write_cohort(generated, root / "features")
-            fold_splits(generated.table, folds).to_csv(root / "DATA_SPLIT.csv", index=False)
-            keys = {
-                row.slide_id: (
-                    hierarchy.fine_index(row.label),
-                    hierarchy.coarse_index(row.coarse_label),
-                    key,
-                )
-                for row, key in zip(
-                    generated.table.itertuples(), generated.key_instances, strict=True
-                )
-            }
-            for fold in range(folds_to_run or folds):
-                for model in models:
-                    started = time.perf_counter()
-                    out = root / f"{model.replace(':', '-')}_fold{fold}"
-                    train_one(model, root, fold, seed, flags, out)
-                    row = {"cell": cell.name, "seed": seed, "fold": fold, "model": model}
-                    row |= run_scores(out, hierarchy) | key_attention(out, keys, hierarchy)
-                    row["seconds"] = time.perf_counter() - started
-                    rows.append(row)
-                    if partial is not None:
-                        partial.write_text(json.dumps(rows, indent=1) + "\n")
-                    if progress:
-                        print(
-                            f"  {cell.name} seed {seed} fold {fold} {model:<28} fine "
-                            f"{row['fine_auc']:.3f} coarse {row['coarse_from_fine_auc']:.3f} "
-                            f"best epoch {row['best_epoch']:>3} ({row['seconds']:.0f} s)",
-                            flush=True,
-                        )
+            keys[root] = prepare_cohort(cell, seed, folds, workdir, hierarchy)
+            runs += [
+                Run(cell.name, seed, fold, model, root)
+                for fold in range(folds_to_run or folds)
+                for model in models
+            ]
+    rows = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        if partial is not None:
+            partial.write_text(json.dumps(rows, indent=1) + "\n")
+        if progress:
+            print(
+                f"  {row['cell']} seed {row['seed']} fold {row['fold']} {row['model']:<28} "
+                f"fine {row['fine_auc']:.3f} coarse {row['coarse_from_fine_auc']:.3f} "
+                f"best epoch {row['best_epoch']:>3} ({row['seconds']:.0f} s)",
+                flush=True,
+            )
+
+    if jobs <= 1:
+        for run in runs:
+            record(score_run(run, flags, keys[run.root]))
+    else:
+        # spawn: a forked child would inherit torch's thread pool state
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=quiet_worker) as pool:
+            pending = [pool.submit(score_run, run, flags, keys[run.root]) for run in runs]
+            for future in as_completed(pending):
+                record(future.result())
+    order = {(run.cell, run.seed, run.fold, run.model): i for i, run in enumerate(runs)}
+    rows.sort(key=lambda row: order[row["cell"], row["seed"], row["fold"], row["model"]])
     return pd.DataFrame(rows)
 
 
@@ -366,24 +423,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="all cells and models")
     parser.add_argument("--cells", nargs="+", choices=sorted(CELLS), help="default: small grid")
     parser.add_argument("--models", nargs="+", help="default: hmil abmil (--full: 9 models)")
-    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (--full: 0–4)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 3 4")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--folds-to-run", type=int, help="train folds 0..K-1 only (default all)")
     parser.add_argument("--config", type=Path, default=CONFIG, help="its training section")
     parser.add_argument("--workdir", type=Path, help="keep the cohorts and runs here")
     parser.add_argument("--json", type=Path, help="also write every run's scores here")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1,
+        help="runs trained at once, one process and one thread each (default: the CPU count)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.disable(logging.WARNING)  # one line per run is enough; hmil.train logs a lot
-    torch.set_num_threads(1)  # small matrices: more threads only add overhead
+    quiet_worker()
     cells = [CELLS[name] for name in args.cells] if args.cells else (
         list(FULL_GRID) if args.full else list(SMALL_GRID)
     )  # fmt: skip
     models = args.models or list(FULL_MODELS if args.full else SMALL_MODELS)
-    seeds = args.seeds or ([0, 1, 2, 3, 4] if args.full else [0, 1, 2])
+    seeds = args.seeds or [0, 1, 2, 3, 4]
     flags = training_flags(args.config)
     print(f"training flags (from {args.config}): {' '.join(flags)}", flush=True)
     print(f"cells: {[asdict(cell) for cell in cells]}", flush=True)
@@ -391,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         runs = run_grid(
             cells, models, seeds, args.folds, args.workdir or Path(scratch),
-            flags=flags, folds_to_run=args.folds_to_run,
+            flags=flags, folds_to_run=args.folds_to_run, jobs=args.jobs,
             partial=args.json.with_suffix(".partial.json") if args.json else None,
         )  # fmt: skip
     print("\n" + format_grid(runs))

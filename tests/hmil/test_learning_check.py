@@ -9,8 +9,10 @@ seed 0: a cohort of realistic difficulty, not an easy one. ``pytest -s`` prints 
 
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -72,3 +74,24 @@ def test_no_lr_falls_below_one_percent_of_its_peak_before_half_the_run(runs):
     assert (runs["min_lr_ratio_first_half"] >= 0.01).all(), runs["min_lr_ratio_first_half"]
     # and early stopping let the curriculum run: HMIL trained past E/√2
     assert runs.loc["hmil", "epochs_trained"] >= 36
+
+
+def test_runs_in_parallel_processes_give_the_rows_of_one_process(learning_check, tmp_path):
+    # the grid's --jobs: each run seeds itself, so where it trains cannot change its row
+    # (a tiny cohort and 3 epochs: this checks the runner, not learning)
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # a spawned worker imports the module
+    try:
+        tiny = replace(learning_check.SMALL_D64, name="tiny", slides=105, feature_dim=16,
+                       min_instances=20, max_instances=40)  # fmt: skip
+        flags = [*learning_check.training_flags(), "--epochs", "3"]
+        grids = []
+        for jobs in (1, 2):
+            grid = learning_check.run_grid(
+                [tiny], ["hmil", "abmil"], [SEED], 3, tmp_path / f"jobs{jobs}",
+                flags=flags, folds_to_run=1, progress=False, jobs=jobs,
+            )  # fmt: skip
+            grids.append(grid.drop(columns="seconds"))
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert list(grids[1]["model"]) == ["hmil", "abmil"]  # in grid order, not finishing order
+    pd.testing.assert_frame_equal(grids[0], grids[1])
