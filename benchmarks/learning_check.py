@@ -166,20 +166,24 @@ def macro_auc(predictions: pd.DataFrame, labels: pd.Series, prefix: str, names) 
 def key_attention(out: Path, key_instances: dict[str, np.ndarray], hierarchy) -> dict:
     """Mean attention mass on the key instances (where the class signal is) over the test
     bags: of the fine attention row of the true fine class (the only row for flat
-    models), and of the coarse row of the true coarse class (hierarchical models). Chance:
-    the key fraction, 2–10 %."""
-    fine_mass, coarse_mass = [], []
+    models), of the other fine rows (class-wise models: a row that is class-specific
+    puts less there than the true row), and of the coarse row of the true coarse class
+    (hierarchical models). Chance: the key fraction, 2–10 %."""
+    fine_mass, other_mass, coarse_mass = [], [], []
     with h5py.File(out / "attention.h5", "r") as file:
         fine_rows = file.attrs.get("fine_attention_rows") == "class"
         for slide_id in file:
             fine_label, coarse_label, keys = key_instances[slide_id]
             group = file[slide_id]
-            fine = group["fine_attention"][()]
-            fine_mass.append(float(fine[fine_label if fine_rows else 0][keys].sum()))
+            on_keys = group["fine_attention"][()][:, keys].sum(axis=1)
+            fine_mass.append(float(on_keys[fine_label if fine_rows else 0]))
+            if fine_rows:
+                other_mass.append(float(np.delete(on_keys, fine_label).mean()))
             if "coarse_attention" in group:
                 coarse_mass.append(float(group["coarse_attention"][()][coarse_label][keys].sum()))
     return {
         "fine_key_attention": float(np.mean(fine_mass)),
+        "other_rows_key_attention": float(np.mean(other_mass)) if other_mass else math.nan,
         "coarse_key_attention": float(np.mean(coarse_mass)) if coarse_mass else math.nan,
     }
 
@@ -393,12 +397,18 @@ def mean_sd(values: pd.Series) -> str:
 
 
 def attention_text(group: pd.DataFrame) -> str:
-    """Mean attention mass on key instances: fine row (and coarse row, hierarchical)."""
+    """Mean attention mass on key instances: fine row of the true class (other fine rows,
+    class-wise models; coarse row, hierarchical models)."""
     if "fine_key_attention" not in group:
         return "–"
     text = f"{group['fine_key_attention'].mean():.2f}"
-    coarse = group["coarse_key_attention"].mean()
-    return text if math.isnan(coarse) else f"{text} (coarse {coarse:.2f})"
+    columns = {"other rows": "other_rows_key_attention", "coarse": "coarse_key_attention"}
+    extra = [
+        f"{label} {value:.2f}"
+        for label, column in columns.items()
+        if column in group and not math.isnan(value := group[column].mean())
+    ]
+    return f"{text} ({', '.join(extra)})" if extra else text
 
 
 def cell_summary(cell: str, table: pd.DataFrame) -> str:
