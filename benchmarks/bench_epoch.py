@@ -1,0 +1,95 @@
+"""Training cost per epoch of the default protocol against the paper's, as users run it.
+
+    python benchmarks/bench_epoch.py [--cell middle] [--models hmil abmil] [--epochs 3]
+        [--threads 1]
+
+Trains ``hmil.train`` for a few epochs under ``--protocol default`` and ``--protocol
+paper`` (nothing else set) on fold 0 of one learning-check cohort (seed 0), and prints the
+median seconds per epoch from each run's ``log.csv`` (training pass and validation),
+optimiser steps per epoch and training bags per second. The default protocol takes 8
+bags per step where the paper takes 64, so it makes 8× the steps, and it drops a quarter
+of each training bag's instances: the question is whether an epoch costs more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from hmil.data.hierarchy import load_hierarchy
+from hmil.data.synthetic import generate_cohort, write_cohort
+from hmil.train import main as train_main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learning_check  # a sibling script, not a package
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cell", default="middle", choices=sorted(learning_check.CELLS))
+    parser.add_argument("--models", nargs="+", default=["hmil", "abmil"])
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (≥ 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    return parser.parse_args(argv)
+
+
+def epoch_cost(root: Path, model: str, protocol: str, epochs: int) -> dict:
+    out = root / f"{model}_{protocol}"
+    args = [
+        "--features", str(root / "features"), "--splits", str(root / "DATA_SPLIT.csv"),
+        "--fold", "0", "--model", model, "--hierarchy", learning_check.HIERARCHY,
+        "--out", str(out), "--protocol", protocol, "--epochs", str(epochs),
+    ]  # fmt: skip
+    if train_main(args) != 0:
+        raise RuntimeError(f"hmil.train failed: {' '.join(args)}")
+    log = pd.read_csv(out / "log.csv")
+    splits = pd.read_csv(root / "DATA_SPLIT.csv")
+    train_bags = int((splits["fold0"] == "train").sum())
+    batch = json.loads((out / "metrics.json").read_text())["config"]["batch_bags"]
+    seconds = float(log["seconds"].median())
+    return {
+        "model": model,
+        "protocol": protocol,
+        "s/epoch": seconds,
+        "steps/epoch": math.ceil(train_bags / batch),
+        "bags/s": train_bags / seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.WARNING)
+    cell = learning_check.CELLS[args.cell]
+    hierarchy = load_hierarchy(learning_check.HIERARCHY)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        generated = generate_cohort(hierarchy, cell.cohort(0))
+        write_cohort(generated, root / "features")
+        learning_check.fold_splits(generated.table, 3).to_csv(root / "DATA_SPLIT.csv", index=False)
+        for model in args.models:
+            for protocol in ("paper", "default"):
+                rows.append(epoch_cost(root, model, protocol, args.epochs))
+                print(f"  {model} {protocol}: {rows[-1]['s/epoch']:.2f} s/epoch", flush=True)
+    table = pd.DataFrame(rows)
+    print(f"\ncell {cell.name} ({cell.slides} slides, D = {cell.feature_dim}), "
+          f"{args.threads} thread(s), median over {args.epochs} epochs")  # fmt: skip
+    print(table.to_markdown(index=False, floatfmt=".2f"))
+    paper = table[table["protocol"] == "paper"].set_index("model")["s/epoch"]
+    default = table[table["protocol"] == "default"].set_index("model")["s/epoch"]
+    for model in args.models:
+        print(f"{model}: default / paper = {default[model] / paper[model]:.2f}× per epoch")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
