@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         cohort = generate_cohort(hierarchy, cell.cohort(seed))  # the same draw as the grid's
         splits = pd.read_csv(seed_dir / "DATA_SPLIT.csv")
         for run_dir in sorted(seed_dir.glob("hmil_fold*")):
+            if not (run_dir / "metrics.json").is_file():
+                print(f"skipped {run_dir}: not finished (no metrics.json)")
+                continue
             table = run_statistics(run_dir, seed_dir / "features", splits, cohort)
             tables.append(table.assign(run=f"{seed_dir.name}/{run_dir.name}"))
     if not tables:
