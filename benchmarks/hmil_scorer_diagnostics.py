@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 
 from hmil.data.hierarchy import load_hierarchy
-from hmil.data.synthetic import generate_cohort
 from hmil.evaluation.fold_models import FoldModel, load_fold_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,19 +48,19 @@ def bag_statistics(model: FoldModel, bag: torch.Tensor, keys: np.ndarray, label:
     }
 
 
-def run_statistics(run_dir: Path, features: Path, splits: pd.DataFrame, cohort) -> pd.DataFrame:
+def run_statistics(
+    run_dir: Path, features: Path, splits: pd.DataFrame, keys: dict[str, np.ndarray]
+) -> pd.DataFrame:
     model = load_fold_model(run_dir, torch.device("cpu"))
     if not isinstance(model, FoldModel):
         raise SystemExit(f"error: {model.describe()}")
-    test = splits.set_index("slide_id")[f"fold{model.fold}"] == "test"
+    test = splits[splits[f"fold{model.fold}"] == "test"]
     rows = []
-    for row, keys in zip(cohort.table.itertuples(), cohort.key_instances, strict=True):
-        if not test[row.slide_id]:
-            continue
+    for row in test.itertuples():
         with h5py.File(features / f"{row.slide_id}.h5", "r") as file:
             bag = torch.as_tensor(file["features"][()], dtype=torch.float32)
         label = model.hierarchy.fine_index(row.label)
-        rows.append(bag_statistics(model, bag, keys, label))
+        rows.append(bag_statistics(model, bag, keys[str(row.slide_id)], label))
     return pd.DataFrame(rows)
 
 
@@ -75,14 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     hierarchy = load_hierarchy(learning_check.HIERARCHY)
     tables = []
     for seed_dir in sorted((args.workdir / cell.name).glob("seed*")):
-        seed = int(seed_dir.name.removeprefix("seed"))
-        cohort = generate_cohort(hierarchy, cell.cohort(seed))  # the same draw as the grid's
+        keys_file = seed_dir / learning_check.KEYS_FILE
+        if not keys_file.is_file():
+            raise SystemExit(f"error: {keys_file} missing; rerun learning_check.py --workdir")
+        with np.load(keys_file) as stored:
+            keys = {slide_id: stored[slide_id] for slide_id in stored.files}
         splits = pd.read_csv(seed_dir / "DATA_SPLIT.csv")
         for run_dir in sorted(seed_dir.glob("hmil_fold*")):
             if not (run_dir / "metrics.json").is_file():
                 print(f"skipped {run_dir}: not finished (no metrics.json)")
                 continue
-            table = run_statistics(run_dir, seed_dir / "features", splits, cohort)
+            table = run_statistics(run_dir, seed_dir / "features", splits, keys)
             tables.append(table.assign(run=f"{seed_dir.name}/{run_dir.name}"))
     if not tables:
         raise SystemExit(f"error: no hmil_fold* runs under {args.workdir / cell.name}")

@@ -228,12 +228,17 @@ def train_one(model: str, root: Path, fold: int, seed: int, flags: list[str], ou
 
 
 def prepare_cohort(cell: Cell, seed: int, folds: int, workdir: Path, hierarchy) -> dict:
-    """Writes one (cell, seed) cohort and its DATA_SPLIT.csv; returns its key instances
-    per slide as (fine index, coarse index, key mask)."""
+    """Writes one (cell, seed) cohort, its DATA_SPLIT.csv and keys.npz (each slide's key
+    instance mask, for later diagnostics); returns its key instances per slide as (fine
+    index, coarse index, key mask)."""
     root = Path(workdir) / cell.name / f"seed{seed}"
     generated = generate_cohort(hierarchy, cell.cohort(seed))
     write_cohort(generated, root / "features")
     fold_splits(generated.table, folds).to_csv(root / "DATA_SPLIT.csv", index=False)
+    masks = dict(zip(generated.table["slide_id"], generated.key_instances, strict=True))
+    temporary = root / f"keys.tmp-{os.getpid()}.npz"
+    np.savez_compressed(temporary, **masks)
+    os.replace(temporary, root / KEYS_FILE)
     return {
         row.slide_id: (
             hierarchy.fine_index(row.label),
@@ -242,6 +247,10 @@ def prepare_cohort(cell: Cell, seed: int, folds: int, workdir: Path, hierarchy) 
         )
         for row, key in zip(generated.table.itertuples(), generated.key_instances, strict=True)
     }
+
+
+#: A cohort's key-instance masks, slide id → bool [N], next to its DATA_SPLIT.csv.
+KEYS_FILE = "keys.npz"
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,13 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-workers", type=int, default=0, help="DataLoader processes reading bags"
     )
-    parser.add_argument("--cache", action="store_true", help="keep features in memory")
+    parser.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep features in memory after their first read (default: when they fit in a "
+        "quarter of the available memory and --num-workers is 0)",
+    )
     parser.add_argument(
         "--stop-after", type=int, default=None, help="end this invocation after N epochs"
     )

@@ -257,7 +257,8 @@ class BagDataset(Dataset):
         features_dir: directory of ``<slide_id>.h5`` / ``.pt`` feature files.
         hierarchy: maps labels to fine and coarse class indices.
         cache: keep loaded features in memory (per process: each DataLoader worker has
-            its own copy, so use it with ``num_workers=0`` or small cohorts).
+            its own copy, so use it with ``num_workers=0`` or small cohorts); also
+            :meth:`keep_in_memory` after construction.
         feature_dim: expected D (e.g. the training set's, when building a test set);
             None means "whatever all slides agree on".
 
@@ -320,6 +321,16 @@ class BagDataset(Dataset):
                     f"{reference} {origin}; features of different encoders in one directory?"
                 )
         return reference
+
+    @property
+    def feature_bytes(self) -> int:
+        """Memory the float32 features of all slides take once loaded."""
+        return int(self.num_patches.sum()) * self.feature_dim * 4
+
+    def keep_in_memory(self) -> None:
+        """From now on keep each bag's features after its first read."""
+        if self._cache is None:
+            self._cache = {}
 
     def __len__(self) -> int:
         return len(self.slide_ids)

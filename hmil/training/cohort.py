@@ -4,6 +4,7 @@ against the settings, and their bags."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import pandas as pd
@@ -14,6 +15,10 @@ from hmil.data.hierarchy import Hierarchy
 from hmil.training.config import RunOptions, TrainingError, TrainSettings, check_cohort
 
 log = logging.getLogger("hmil.train")  # the command's logger: its log lines name it
+
+#: The share of the memory available at start that the features may fill when ``--cache``
+#: is left to decide (the default).
+CACHE_MEMORY_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -46,14 +51,46 @@ def load_fold(settings: TrainSettings, options: RunOptions, hierarchy: Hierarchy
         if tables[split].empty:
             raise TrainingError(f"fold {settings.fold} has no usable {split!r} slides")
     check_cohort(settings, tables)
-    train_set = BagDataset(tables["train"], options.features, hierarchy, cache=options.cache)
+    train_set = BagDataset(tables["train"], options.features, hierarchy)
     datasets = {"train": train_set}
     for split in ("val", "test"):
         datasets[split] = BagDataset(
-            tables[split],
-            options.features,
-            hierarchy,
-            cache=options.cache,
-            feature_dim=train_set.feature_dim,
+            tables[split], options.features, hierarchy, feature_dim=train_set.feature_dim
         )
+    if use_cache(options, sum(d.feature_bytes for d in datasets.values())):
+        for dataset in datasets.values():
+            dataset.keep_in_memory()
     return FoldData(tables, datasets, excluded)
+
+
+def use_cache(options: RunOptions, feature_bytes: int) -> bool:
+    """Whether to keep the fold's features in memory: as ``--cache``/``--no-cache`` say,
+    else when they fit a quarter of the available memory and no loader workers run (a
+    worker's copy dies with the epoch's loader). Every epoch then reads no file."""
+    if options.cache is not None:
+        return options.cache
+    if options.num_workers > 0:
+        return False
+    available = available_memory()
+    cache = feature_bytes <= CACHE_MEMORY_SHARE * available
+    log.info(
+        "%s features in memory (%.2f GiB; %.1f GiB available)",
+        "keeping" if cache else "not keeping (over a quarter of the memory)",
+        feature_bytes / 2**30, available / 2**30,
+    )  # fmt: skip
+    return cache
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (0 where it cannot be told)."""
+    try:
+        with open("/proc/meminfo") as meminfo:  # Linux: counts reclaimable page cache
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0

@@ -93,7 +93,9 @@ def fit_fold(settings: TrainSettings, options: RunOptions) -> None:
         return  # stopped after --stop-after epochs; a rerun resumes
 
     model.load_state_dict(state["best_state"])
-    state["learning_warnings"] = learning_warnings(state["history"], state["best_epoch"])
+    state["learning_warnings"] = learning_warnings(
+        state["history"], state["best_epoch"], data.datasets["val"].fine_labels
+    )
     if state["learning_warnings"]:
         log.warning("%s may not have learned: %s", out, "; ".join(state["learning_warnings"]))
     write_final_outputs(out, config, model, data, hierarchy, state, options.num_workers)

@@ -12,6 +12,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SEED = 0  # cohort seed = training seed, fixed before looking at any result
 
 
-def load_learning_check():
-    """benchmarks/learning_check.py as a module (benchmarks/ is not a package)."""
-    path = ROOT / "benchmarks" / "learning_check.py"
-    spec = importlib.util.spec_from_file_location("learning_check", path)
+def load_learning_check(name="learning_check"):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
@@ -37,7 +39,12 @@ def learning_check():
 
 
 @pytest.fixture(scope="module")
-def runs(learning_check, tmp_path_factory):
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("learning_check")
+
+
+@pytest.fixture(scope="module")
+def runs(learning_check, workdir):
     # Module fixtures run before the function-scoped one-thread fixture; small matrices on
     # several threads of a busy machine can run many times slower.
     threads = torch.get_num_threads()
@@ -45,7 +52,7 @@ def runs(learning_check, tmp_path_factory):
     try:
         result = learning_check.run_grid(
             [learning_check.CELLS["small_d64"]], ["hmil", "abmil"], [SEED], 3,
-            tmp_path_factory.mktemp("learning_check"), folds_to_run=1, progress=False,
+            workdir, folds_to_run=1, progress=False,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -74,6 +81,29 @@ def test_no_lr_falls_below_one_percent_of_its_peak_before_half_the_run(runs):
     assert (runs["min_lr_ratio_first_half"] >= 0.01).all(), runs["min_lr_ratio_first_half"]
     # and early stopping let the curriculum run: HMIL trained past E/√2
     assert runs.loc["hmil", "epochs_trained"] >= 36
+
+
+def test_scorer_diagnostics_read_the_key_masks_the_grid_saved(runs, workdir, capsys):
+    seed_dir = workdir / "small_d64" / f"seed{SEED}"
+    with (
+        np.load(seed_dir / "keys.npz") as keys,
+        h5py.File(seed_dir / "features" / "synthetic_0000.h5") as first,
+    ):
+        splits = pd.read_csv(seed_dir / "DATA_SPLIT.csv")
+        assert sorted(keys.files) == sorted(splits["slide_id"])
+        mask = keys["synthetic_0000"]
+        assert mask.dtype == bool and len(mask) == len(first["features"])
+        assert 0.02 <= mask.mean() <= 0.1 + 1 / len(mask)  # the cell's key fraction
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports learning_check
+    try:
+        diagnostics = load_learning_check("hmil_scorer_diagnostics")
+        assert diagnostics.main([str(workdir), "--cell", "small_d64"]) == 0
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    printed = capsys.readouterr().out
+    test_bags = (splits["fold0"] == "test").sum()
+    assert f"small_d64: 1 HMIL runs, {test_bags} test bags" in printed
+    assert "fine classes whose key instances the scorer ranks above" in printed
 
 
 def test_runs_in_parallel_processes_give_the_rows_of_one_process(learning_check, tmp_path):

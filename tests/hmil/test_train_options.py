@@ -5,15 +5,20 @@ import json
 import math
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import hmil.data.bags
+import hmil.training.cohort
 from hmil.data.synthetic import SyntheticConfig
 from hmil.train import main
+from hmil.training.cohort import use_cache
+from hmil.training.config import RunOptions
 from hmil.training.loop import drop_instances
 from hmil.training.selection import learning_warnings
+from hmil.training.selection_metrics import chance_macro_auc
 from tests.hmil.train_cli import write_fold_cohort
 
 SMALL = SyntheticConfig(
@@ -49,7 +54,7 @@ def train(cohort, out, *extra, epochs=3):
 
 @pytest.fixture(scope="module")
 def reference_run(cohort, tmp_path_factory):
-    """3 epochs with the defaults: no cache, no workers."""
+    """3 epochs with the defaults: no workers, so the small cohort's features are cached."""
     # One thread, as the function-scoped one_thread fixture (not yet active here) sets it.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -76,17 +81,32 @@ def feature_reads(monkeypatch):
 def test_cache_reads_each_file_once_and_gives_the_same_predictions(
     cohort, reference_run, tmp_path, feature_reads
 ):
-    predictions, log = train(cohort, tmp_path / "cached", "--cache")
+    predictions, log = train(cohort, tmp_path / "uncached", "--no-cache")
     pd.testing.assert_frame_equal(predictions, reference_run[0])
     pd.testing.assert_frame_equal(log, reference_run[1])
-    # Every slide of train, val and test was read exactly once over 3 epochs + final outputs.
+    train_slides = cohort["table"].loc[cohort["table"]["fold0"] == "train", "slide_id"]
+    assert all(feature_reads[slide_id] == 3 for slide_id in train_slides)  # once per epoch
+
+    # The default keeps features that fit in memory: every slide of train, val and test
+    # is read exactly once over 3 epochs + final outputs.
+    feature_reads.clear()
+    train(cohort, tmp_path / "cached")
     assert set(feature_reads) == set(cohort["table"]["slide_id"])
     assert set(feature_reads.values()) == {1}
 
-    feature_reads.clear()
-    train(cohort, tmp_path / "uncached")
-    train_slides = cohort["table"].loc[cohort["table"]["fold0"] == "train", "slide_id"]
-    assert all(feature_reads[slide_id] == 3 for slide_id in train_slides)  # once per epoch
+
+def test_features_are_kept_in_memory_only_when_they_fit_and_no_workers_run(monkeypatch, tmp_path):
+    assert hmil.training.cohort.available_memory() > 2**20  # this machine's, from the OS
+
+    def options(**kw):
+        return RunOptions(features=tmp_path, splits=tmp_path, hierarchy="h", out=tmp_path, **kw)
+
+    monkeypatch.setattr(hmil.training.cohort, "available_memory", lambda: 8 * 2**30)
+    assert use_cache(options(), 2 * 2**30)  # a quarter of 8 GiB
+    assert not use_cache(options(), 2 * 2**30 + 1)
+    assert not use_cache(options(num_workers=2), 1)  # a worker's copy dies with its loader
+    assert use_cache(options(cache=True), 10 * 2**30)  # --cache and --no-cache decide
+    assert not use_cache(options(cache=False), 1)
 
 
 def test_two_loader_workers_give_the_same_result_as_none(cohort, reference_run, tmp_path):
@@ -183,9 +203,23 @@ def test_learning_warnings_name_an_early_best_epoch_and_a_run_that_stayed_at_cha
     assert learning_warnings(learned, best_epoch=6) == []
     (early,) = learning_warnings(learned, best_epoch=1)
     assert "best validation epoch is 1 of 10" in early
-    (chance,) = learning_warnings(history([0.5, 0.52, 0.48, 0.54, 0.5, 0.51, 0.5, 0.5]), 3)
-    assert "never left chance (best 0.540" in chance
+    # one lucky epoch (0.70) does not make a run that stayed at chance one that learned
+    (chance,) = learning_warnings(history([0.5, 0.52, 0.48, 0.54, 0.5, 0.7, 0.5, 0.5]), 5)
+    assert "stayed at chance (median 0.500 over epochs 2–7 ≤ 0.550)" in chance
     assert learning_warnings(history([float("nan")] * 8), best_epoch=7) == []
+
+
+def test_chance_bar_is_what_random_scores_reach_on_the_validation_labels():
+    few = np.repeat(np.arange(7), 4)  # 28 validation slides, as a 300-slide cohort's fold
+    many = np.repeat(np.arange(7), 100)
+    assert 0.58 < chance_macro_auc(few) < 0.62  # sklearn on 2,000 random draws: 0.601
+    assert 0.5 < chance_macro_auc(many) < 0.53
+    assert math.isnan(chance_macro_auc(np.zeros(10, dtype=int)))
+    # a median of 0.58 is chance on 28 slides, and above it on 700
+    modest = [{"val_fine_auc": 0.58}] * 12
+    (chance,) = learning_warnings(modest, 8, few)
+    assert "median 0.580 over epochs 3–11" in chance and "on 28 slides" in chance
+    assert learning_warnings(modest, 8, many) == []
 
 
 def test_instance_dropout_drops_about_its_fraction_and_keeps_one():
