@@ -4,7 +4,6 @@ against the settings, and their bags."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import pandas as pd
@@ -13,6 +12,7 @@ from hmil.data.bags import BagDataset, drop_flagged_slides
 from hmil.data.fold_tables import load_fold_tables
 from hmil.data.hierarchy import Hierarchy
 from hmil.training.config import RunOptions, TrainingError, TrainSettings, check_cohort
+from hmil.training.memory import available_memory
 
 log = logging.getLogger("hmil.train")  # the command's logger: its log lines name it
 
@@ -79,18 +79,3 @@ def use_cache(options: RunOptions, feature_bytes: int) -> bool:
         feature_bytes / 2**30, available / 2**30,
     )  # fmt: skip
     return cache
-
-
-def available_memory() -> int:
-    """Bytes of memory available to this process now (0 where it cannot be told)."""
-    try:
-        with open("/proc/meminfo") as meminfo:  # Linux: counts reclaimable page cache
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 0
