@@ -235,9 +235,9 @@ def prepare_cohort(cell: Cell, seed: int, folds: int, workdir: Path, hierarchy) 
     generated = generate_cohort(hierarchy, cell.cohort(seed))
     write_cohort(generated, root / "features")
     fold_splits(generated.table, folds).to_csv(root / "DATA_SPLIT.csv", index=False)
-    masks = dict(zip(generated.table["slide_id"], generated.key_instances, strict=True))
+    rows = list(zip(generated.table.itertuples(), generated.key_instances, strict=True))
     temporary = root / f"keys.tmp-{os.getpid()}.npz"
-    np.savez_compressed(temporary, **masks)
+    np.savez_compressed(temporary, **{row.slide_id: key for row, key in rows})
     os.replace(temporary, root / KEYS_FILE)
     return {
         row.slide_id: (
@@ -245,7 +245,7 @@ def prepare_cohort(cell: Cell, seed: int, folds: int, workdir: Path, hierarchy) 
             hierarchy.coarse_index(row.coarse_label),
             key,
         )
-        for row, key in zip(generated.table.itertuples(), generated.key_instances, strict=True)
+        for row, key in rows
     }
 
 

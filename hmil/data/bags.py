@@ -257,8 +257,8 @@ class BagDataset(Dataset):
         features_dir: directory of ``<slide_id>.h5`` / ``.pt`` feature files.
         hierarchy: maps labels to fine and coarse class indices.
         cache: keep loaded features in memory (per process: each DataLoader worker has
-            its own copy, so use it with ``num_workers=0`` or small cohorts); also
-            :meth:`keep_in_memory` after construction.
+            its own copy, so use it with ``num_workers=0`` or small cohorts), as
+            :meth:`keep_in_memory` does after construction.
         feature_dim: expected D (e.g. the training set's, when building a test set);
             None means "whatever all slides agree on".
 
@@ -305,7 +305,9 @@ class BagDataset(Dataset):
                 )
         self.num_patches = np.asarray([n for n, _ in shapes], dtype=np.int64)
         self.feature_dim = self._common_feature_dim([d for _, d in shapes], feature_dim)
-        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self._cache: dict[int, torch.Tensor] | None = None
+        if cache:
+            self.keep_in_memory()
 
     def _common_feature_dim(self, dims: list[int], expected: int | None) -> int:
         if not dims:

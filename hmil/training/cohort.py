@@ -57,14 +57,15 @@ def load_fold(settings: TrainSettings, options: RunOptions, hierarchy: Hierarchy
         datasets[split] = BagDataset(
             tables[split], options.features, hierarchy, feature_dim=train_set.feature_dim
         )
-    if use_cache(options, sum(d.feature_bytes for d in datasets.values())):
-        for dataset in datasets.values():
-            dataset.keep_in_memory()
+    # train and val are read every epoch; test once, at the end, so it is never kept
+    if use_cache(options, datasets["train"].feature_bytes + datasets["val"].feature_bytes):
+        datasets["train"].keep_in_memory()
+        datasets["val"].keep_in_memory()
     return FoldData(tables, datasets, excluded)
 
 
 def use_cache(options: RunOptions, feature_bytes: int) -> bool:
-    """Whether to keep the fold's features in memory: as ``--cache``/``--no-cache`` say,
+    """Whether to keep the features read every epoch in memory: as ``--cache``/``--no-cache`` say,
     else when they fit a quarter of the available memory and no loader workers run (a
     worker's copy dies with the epoch's loader). Every epoch then reads no file."""
     if options.cache is not None:
