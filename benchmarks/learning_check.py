@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 import yaml
 from scipy import stats
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from hmil.data.hierarchy import Hierarchy, load_hierarchy
 from hmil.data.synthetic import SyntheticConfig, generate_cohort, write_cohort
@@ -53,22 +53,23 @@ from hmil.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "config.yaml"
-HIERARCHY = "bracs"
+HIERARCHY = "bracs"  # of the cells that name no other
 
 #: training-section keys that become hmil.train flags (as workflow/rules/common.smk
 #: training_arguments passes them); the others (threads, device, ...) place the job.
 TRAINING_FLAGS = (
     "protocol", "epochs", "batch_bags", "lr", "optimizer", "weight_decay", "scheduler",
     "warmup_epochs", "lr_floor", "patience", "min_epochs", "dropout", "instance_dropout",
+    "balanced_sampling", "slide_norm",
 )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One cohort recipe of the grid (BRACS hierarchy, 7 fine classes)."""
+    """One cohort recipe of the grid (a hierarchy preset; balanced unless ``class_counts``)."""
 
     name: str
-    slides: int  # about: bags_per_class = slides // 7
+    slides: int  # about: bags_per_class = slides // C_f
     feature_dim: int
     min_instances: int
     max_instances: int
@@ -77,10 +78,14 @@ class Cell:
     signal: float  # key-instance distance from the origin, in noise SDs
     fine_offset: float  # fine classes of one group: cosine 1/(1 + offset²) between means
     slides_per_patient: int = 2
+    hierarchy: str = "bracs"
+    class_counts: tuple[int, ...] | None = None  # slides per fine class (real proportions)
+    slide_shift: float = 0.0  # each slide's shared offset, as a fraction of the signal
 
     def cohort(self, seed: int) -> SyntheticConfig:
+        num_fine = load_hierarchy(self.hierarchy).num_fine
         return SyntheticConfig(
-            bags_per_class=max(1, self.slides // 7),
+            bags_per_class=self.class_counts or max(1, self.slides // num_fine),
             feature_dim=self.feature_dim,
             min_instances=self.min_instances,
             max_instances=self.max_instances,
@@ -89,6 +94,7 @@ class Cell:
             signal=self.signal,
             fine_offset=self.fine_offset,
             slides_per_patient=self.slides_per_patient,
+            slide_shift=self.slide_shift,
             seed=seed,
         )
 
@@ -102,9 +108,23 @@ class Cell:
 # larger cohorts, other D, larger bags.
 MIDDLE = Cell("middle", 300, 256, 50, 300, 0.02, 0.10, 4.0, 0.5)
 SMALL_D64 = replace(MIDDLE, name="small_d64", slides=150, feature_dim=64)
-# The small grid (5 seeds) is what a 2-core CPU trains in about half an hour with --jobs 2
-# (HMIL ~1.5 s an epoch on the middle cell, ABMIL half that); --full adds the other axes.
-SMALL_GRID = (SMALL_D64, MIDDLE)
+# Cohorts like real ones, each one axis away from small_d64: a slide-level shift (stain,
+# scanner, site: one offset per slide, half or as large as the key-instance signal), and
+# real class proportions: BRACS's 545 slides (several per patient) and PANDA's ISUP grades
+# (27/26/13/12/12/11 %) scaled to 303 biopsies, one per patient, on the panda hierarchy.
+SHIFT_HALF = replace(SMALL_D64, name="shift_half", slide_shift=0.5)
+SHIFT_EQUAL = replace(SMALL_D64, name="shift_equal", slide_shift=1.0)
+BRACS_LIKE = replace(
+    SMALL_D64, name="bracs_like", slides=545, class_counts=(43, 147, 73, 41, 48, 61, 132),
+    slides_per_patient=3,
+)  # fmt: skip
+PANDA_LIKE = replace(
+    SMALL_D64, name="panda_like", slides=303, hierarchy="panda",
+    class_counts=(81, 78, 39, 36, 36, 33), slides_per_patient=1,
+)  # fmt: skip
+# The small grid is what a 2-core CPU trains in a working session with --jobs 2 (README
+# "Learning check" gives the seeds and the minutes); --full adds the other axes.
+SMALL_GRID = (SMALL_D64, MIDDLE, SHIFT_HALF, SHIFT_EQUAL, BRACS_LIKE, PANDA_LIKE)
 FULL_GRID = (
     *SMALL_GRID,
     replace(MIDDLE, name="weak_fine", fine_offset=0.3),
@@ -115,12 +135,17 @@ FULL_GRID = (
     replace(MIDDLE, name="big_bags", min_instances=500, max_instances=2000),
 )
 CELLS = {cell.name: cell for cell in FULL_GRID}
-SMALL_MODELS = ("hmil", "abmil")
-FULL_MODELS = (
-    "hmil", "abmil", "clam_sb", "transmil", "hmil:no_instance_alignment",
-    "hmil:no_bag_alignment", "hmil:no_contrastive", "hmil:fixed_weights", "hmil:flat",
+# What the hierarchy adds to hmil_mb's readout: the same model on fine CE alone (flat),
+# without each alignment and the contrastive term; clam_mb has class rows with their own
+# classifiers and no hierarchy; abmil and hmil (the authors' model) are the references.
+SMALL_MODELS = (
+    "hmil_mb", "hmil_mb:flat", "hmil_mb:no_instance_alignment", "hmil_mb:no_bag_alignment",
+    "hmil_mb:no_contrastive", "clam_mb", "abmil", "hmil",
 )  # fmt: skip
-ALIGNMENT_ABLATIONS = ("hmil:no_instance_alignment", "hmil:no_bag_alignment")
+FULL_MODELS = (*SMALL_MODELS, "clam_sb", "transmil", "hmil_mb:fixed_weights", "hmil:flat")
+#: The model each paired line compares, and what against.
+PAIRS = (("hmil_mb", "abmil"), ("hmil_mb", "hmil_mb:flat"), ("hmil_mb", "clam_mb"),
+         ("hmil", "abmil"))  # fmt: skip
 
 
 def training_flags(config_path: Path = CONFIG) -> list[str]:
@@ -160,7 +185,27 @@ def fold_splits(table: pd.DataFrame, folds: int, val_every: int = 5) -> pd.DataF
 
 def macro_auc(predictions: pd.DataFrame, labels: pd.Series, prefix: str, names) -> float:
     probs = predictions[[f"{prefix}{name}" for name in names]].to_numpy()
-    return float(roc_auc_score(labels.to_numpy(), probs, multi_class="ovr", average="macro"))
+    return float(
+        roc_auc_score(
+            labels.to_numpy(), probs, multi_class="ovr", average="macro",
+            labels=np.arange(len(names)),
+        )
+    )  # fmt: skip
+
+
+def fine_decisions(predictions: pd.DataFrame, hierarchy: Hierarchy) -> dict[str, float]:
+    """Fine balanced accuracy and macro-F1 of the argmax decision (every fine class counts
+    once, so a rare class weighs as much as a common one)."""
+    truth = predictions["fine_label"].map(hierarchy.fine_index).to_numpy()
+    probs = predictions[[f"p_fine_{name}" for name in hierarchy.fine]].to_numpy()
+    decision = probs.argmax(axis=1)
+    return {
+        "fine_balanced_accuracy": float(balanced_accuracy_score(truth, decision)),
+        "fine_macro_f1": float(
+            f1_score(truth, decision, average="macro", labels=np.arange(hierarchy.num_fine),
+                     zero_division=0.0)
+        ),
+    }  # fmt: skip
 
 
 def key_attention(out: Path, key_instances: dict[str, np.ndarray], hierarchy) -> dict:
@@ -207,6 +252,7 @@ def run_scores(out: Path, hierarchy: Hierarchy) -> dict[str, float]:
             "p_coarse_from_fine_",
             hierarchy.coarse,
         ),
+        **fine_decisions(test, hierarchy),
         "best_epoch": metrics["best_epoch"],
         "epochs_trained": metrics["epochs_trained"],
         "warned": bool(metrics.get("learning_warnings")),
@@ -214,12 +260,26 @@ def run_scores(out: Path, hierarchy: Hierarchy) -> dict[str, float]:
     }
 
 
-def train_one(model: str, root: Path, fold: int, seed: int, flags: list[str], out: Path):
-    name, _, preset = model.partition(":")
+def variant_flags(variant: str) -> list[str]:
+    """``key=value,key=value`` (training-section keys) as hmil.train flags."""
+    flags = []
+    for item in filter(None, variant.split(",")):
+        key, _, value = item.partition("=")
+        if key not in TRAINING_FLAGS or not value:
+            raise ValueError(f"variant {variant!r}: expected training keys as key=value")
+        flags += [f"--{key.replace('_', '-')}", value]
+    return flags
+
+
+def train_one(model: str, run: Run, flags: list[str]):
+    """Trains ``model`` (``name[:loss preset][+variant]``) on the run's fold."""
+    spec, _, variant = model.partition("+")
+    name, _, preset = spec.partition(":")
+    root = run.root
     args = [
         "--features", str(root / "features"), "--splits", str(root / "DATA_SPLIT.csv"),
-        "--fold", str(fold), "--model", name, "--hierarchy", HIERARCHY, "--out", str(out),
-        "--seed", str(seed), *flags,
+        "--fold", str(run.fold), "--model", name, "--hierarchy", run.hierarchy,
+        "--out", str(run.out), "--seed", str(run.seed), *flags, *variant_flags(variant),
     ]  # fmt: skip
     if preset:
         args += ["--loss-preset", preset]
@@ -262,18 +322,20 @@ class Run:
     fold: int
     model: str
     root: Path
+    hierarchy: str = "bracs"
 
     @property
     def out(self) -> Path:
-        return self.root / f"{self.model.replace(':', '-')}_fold{self.fold}"
+        name = self.model.replace(":", "-").replace("+", "_").replace("=", "-")
+        return self.root / f"{name.replace(',', '_')}_fold{self.fold}"
 
 
 def score_run(run: Run, flags: list[str], keys: dict) -> dict:
     """Trains one run and returns its row (scores, key attention, seconds). Each run seeds
     itself, so its row does not depend on what else runs, or in which process."""
-    hierarchy = load_hierarchy(HIERARCHY)
+    hierarchy = load_hierarchy(run.hierarchy)
     started = time.perf_counter()
-    train_one(run.model, run.root, run.fold, run.seed, flags, run.out)
+    train_one(run.model, run, flags)
     row = {"cell": run.cell, "seed": run.seed, "fold": run.fold, "model": run.model}
     row |= run_scores(run.out, hierarchy) | key_attention(run.out, keys, hierarchy)
     row["seconds"] = time.perf_counter() - started
@@ -299,24 +361,31 @@ def run_grid(
     progress: bool = True,
     partial: Path | None = None,
     jobs: int = 1,
+    reuse: list[dict] | None = None,
+    train: bool = True,
 ) -> pd.DataFrame:
     """One row per (cell, seed, fold, model) with the scores of :func:`run_scores` (and
     :func:`key_attention`), in that order whatever ``jobs`` (runs trained at once, each in
     its own process on one thread); ``partial`` is rewritten with the rows so far after
-    each run, so an interrupted grid still leaves its results."""
+    each run, so an interrupted grid still leaves its results; a run found in ``reuse``
+    (rows of an earlier grid made with the same ``flags``) is taken from there, not trained:
+    each run seeds itself, so it would give the same row. ``train=False`` trains nothing:
+    the rows are those of ``reuse`` that belong to the grid."""
     flags = training_flags() if flags is None else flags
-    hierarchy = load_hierarchy(HIERARCHY)
     runs, keys = [], {}
     for cell in cells:
+        hierarchy = load_hierarchy(cell.hierarchy)
         for seed in seeds:
             root = Path(workdir) / cell.name / f"seed{seed}"
-            keys[root] = prepare_cohort(cell, seed, folds, workdir, hierarchy)
+            if train:
+                keys[root] = prepare_cohort(cell, seed, folds, workdir, hierarchy)
             runs += [
-                Run(cell.name, seed, fold, model, root)
+                Run(cell.name, seed, fold, model, root, cell.hierarchy)
                 for fold in range(folds_to_run or folds)
                 for model in models
             ]
     rows = []
+    earlier = {(row["cell"], row["seed"], row["fold"], row["model"]): row for row in reuse or []}
 
     def record(row: dict) -> None:
         rows.append(row)
@@ -330,14 +399,19 @@ def run_grid(
                 flush=True,
             )
 
+    for run in [run for run in runs if (run.cell, run.seed, run.fold, run.model) in earlier]:
+        record(earlier[run.cell, run.seed, run.fold, run.model])
+    runs_left = [run for run in runs if (run.cell, run.seed, run.fold, run.model) not in earlier]
+    if not train:
+        runs, runs_left = [run for run in runs if run not in runs_left], []
     if jobs <= 1:
-        for run in runs:
+        for run in runs_left:
             record(score_run(run, flags, keys[run.root]))
     else:
         # spawn: a forked child would inherit torch's thread pool state
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=quiet_worker) as pool:
-            pending = [pool.submit(score_run, run, flags, keys[run.root]) for run in runs]
+            pending = [pool.submit(score_run, run, flags, keys[run.root]) for run in runs_left]
             for future in as_completed(pending):
                 record(future.result())
     order = {(run.cell, run.seed, run.fold, run.model): i for i, run in enumerate(runs)}
@@ -363,35 +437,41 @@ def paired_difference(runs: pd.DataFrame, first: str, second: str, metric: str) 
     }  # fmt: skip
 
 
-def ablation_ordering(means: pd.Series) -> str:
+def ablation_ordering(means: pd.Series, full: str = "hmil_mb") -> str:
     """Whether full > each alignment ablation > flat holds in the means (the paper's)."""
-    if "hmil" not in means or "hmil:flat" not in means:
+    if full not in means or f"{full}:flat" not in means:
         return "n/a"
-    middle = [means[name] for name in ALIGNMENT_ABLATIONS if name in means]
-    chain = [means["hmil"], *middle, means["hmil:flat"]]
-    full_best = all(means["hmil"] > value for value in chain[1:])
-    flat_worst = all(value > means["hmil:flat"] for value in chain[:-1])
+    ablations = (f"{full}:no_instance_alignment", f"{full}:no_bag_alignment")
+    middle = [means[name] for name in ablations if name in means]
+    chain = [means[full], *middle, means[f"{full}:flat"]]
+    full_best = all(means[full] > value for value in chain[1:])
+    flat_worst = all(value > means[f"{full}:flat"] for value in chain[:-1])
     return "holds" if full_best and flat_worst else "does not hold"
 
 
+METRICS = (
+    ("fine_auc", "fine AUC"),
+    ("coarse_from_fine_auc", "coarse-from-fine AUC"),
+    ("fine_balanced_accuracy", "fine balanced accuracy"),
+    ("fine_macro_f1", "fine macro-F1"),
+)
+
+
 def format_grid(runs: pd.DataFrame) -> str:
-    """Markdown table per cell and model, then the paired HMIL − ABMIL lines."""
+    """Markdown table per cell and model, then the paired lines of each cell and of all."""
     lines = [
-        "| cell | model | runs | fine AUC | coarse-from-fine AUC | warned | "
-        "min lr before E/2 | best epoch (median) | attention on key instances |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        "| cell | model | runs | " + " | ".join(label for _, label in METRICS)
+        + " | warned | best epoch (median) | attention on key instances |",
+        "|---|---|---|" + "---|" * len(METRICS) + "---|---|---|",
+    ]  # fmt: skip
     notes = []
     for cell, table in runs.groupby("cell", sort=False):
-        grouped = table.groupby("model", sort=False)
-        for model, group in grouped:
+        for model, group in table.groupby("model", sort=False):
+            scores = " | ".join(mean_sd(group[metric]) for metric, _ in METRICS if metric in group)
             lines.append(
-                f"| {cell} | {model} | {len(group)} | {mean_sd(group['fine_auc'])} | "
-                f"{mean_sd(group['coarse_from_fine_auc'])} | "
+                f"| {cell} | {model} | {len(group)} | {scores} | "
                 f"{int(group['warned'].sum())}/{len(group)} | "
-                f"{group['min_lr_ratio_first_half'].min():.2f} | "
-                f"{group['best_epoch'].median():.0f} | "
-                f"{attention_text(group)} |"
+                f"{group['best_epoch'].median():.0f} | {attention_text(group)} |"
             )
         notes.append(cell_summary(cell, table))
     notes.append(cell_summary("all cells", runs))
@@ -420,28 +500,56 @@ def attention_text(group: pd.DataFrame) -> str:
     return f"{text} ({', '.join(extra)})" if extra else text
 
 
+def comparisons(models) -> list[tuple[str, str]]:
+    """The pairs of :data:`PAIRS` that ran, and each variant against its model's baseline."""
+    models = set(models)
+    pairs = [(first, second) for first, second in PAIRS if {first, second} <= models]
+    pairs += [
+        (model, model.partition("+")[0])
+        for model in sorted(models)
+        if "+" in model and model.partition("+")[0] in models
+    ]
+    return pairs
+
+
 def cell_summary(cell: str, table: pd.DataFrame) -> str:
     parts = []
-    for metric, label in (("fine_auc", "fine"), ("coarse_from_fine_auc", "coarse-from-fine")):
-        difference = paired_difference(table, "hmil", "abmil", metric)
-        if difference:
+    for first, second in comparisons(table["model"].unique()):
+        texts = []
+        for metric, label in METRICS:
+            difference = paired_difference(table, first, second, metric)
+            if difference:
+                texts.append(
+                    f"{label} {difference['mean']:+.3f} "
+                    f"[{difference['low']:+.3f}, {difference['high']:+.3f}]"
+                )
+        wins = paired_difference(table, first, second, "fine_auc")
+        if texts:
             parts.append(
-                f"HMIL − ABMIL {label} {difference['mean']:+.3f} "
-                f"[{difference['low']:+.3f}, {difference['high']:+.3f}] "
-                f"(HMIL ≥ ABMIL in {difference['wins']}/{difference['n']})"
-            )
-    ordering = ablation_ordering(table.groupby("model")["fine_auc"].mean())
-    parts.append(f"ablation ordering {ordering}")
-    if len(parts) == 1:  # neither HMIL nor ABMIL ran: nothing paired to say
-        parts.insert(0, "no HMIL − ABMIL pairs")
-    return f"- {cell}: " + "; ".join(parts)
+                f"{first} − {second}: " + ", ".join(texts)
+                + f" (fine AUC ≥ in {wins['wins']}/{wins['n']})"
+            )  # fmt: skip
+    parts.append(
+        f"ablation ordering {ablation_ordering(table.groupby('model')['fine_auc'].mean())}"
+    )
+    if len(parts) == 1:
+        parts.insert(0, "no pairs")
+    return f"- {cell}:\n  - " + "\n  - ".join(parts)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="all cells and models")
     parser.add_argument("--cells", nargs="+", choices=sorted(CELLS), help="default: small grid")
-    parser.add_argument("--models", nargs="+", help="default: hmil abmil (--full: 9 models)")
+    parser.add_argument(
+        "--models", nargs="+",
+        help="name[:loss preset][+key=value,...] (default: the 8 attribution models)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variants", nargs="+", default=[],
+        help="also train every model with these training settings, e.g. slide_norm=center "
+        "balanced_sampling=true; each is paired with the model at the config's settings",
+    )  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 3 4")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--folds-to-run", type=int, help="train folds 0..K-1 only (default all)")
@@ -449,10 +557,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="keep the cohorts and runs here")
     parser.add_argument("--json", type=Path, help="also write every run's scores here")
     parser.add_argument(
+        "--reuse", type=Path, nargs="+", default=[],
+        help="--json files (or their .partial.json) of earlier grids: their runs with the same "
+        "training flags are not trained again",
+    )  # fmt: skip
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="train nothing: the tables of the --reuse runs that belong to the grid",
+    )  # fmt: skip
+    parser.add_argument(
         "--jobs", type=int, default=os.cpu_count() or 1,
         help="runs trained at once, one process and one thread each (default: the CPU count)",
     )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def reused_rows(paths: list[Path], flags: list[str]) -> list[dict]:
+    """Rows of earlier grids' JSON files (a finished grid's payload, or the bare list of a
+    .partial.json); a finished grid made with other flags is refused."""
+    rows = []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        if isinstance(payload, dict):
+            if payload["flags"] != flags:
+                raise SystemExit(f"{path}: made with flags {payload['flags']}, not {flags}")
+            payload = payload["runs"]
+        rows += payload
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         list(FULL_GRID) if args.full else list(SMALL_GRID)
     )  # fmt: skip
     models = args.models or list(FULL_MODELS if args.full else SMALL_MODELS)
+    for variant in args.variants:
+        variant_flags(variant)  # a bad variant fails now, not after the first runs
+    models += [f"{model}+{variant}" for variant in args.variants for model in list(models)]
     seeds = args.seeds or [0, 1, 2, 3, 4]
     flags = training_flags(args.config)
     print(f"training flags (from {args.config}): {' '.join(flags)}", flush=True)
@@ -472,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             cells, models, seeds, args.folds, args.workdir or Path(scratch),
             flags=flags, folds_to_run=args.folds_to_run, jobs=args.jobs,
             partial=args.json.with_suffix(".partial.json") if args.json else None,
+            reuse=reused_rows(args.reuse, flags), train=not args.report_only,
         )  # fmt: skip
     print("\n" + format_grid(runs))
     print(f"\n{time.perf_counter() - started:.0f} s")

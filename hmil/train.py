@@ -30,6 +30,7 @@ from hmil.training.config import (
     OPTIMIZERS,
     PROTOCOLS,
     SCHEDULERS,
+    SLIDE_NORMS,
     RunOptions,
     TrainingError,
     TrainSettings,
@@ -73,7 +74,8 @@ def settings_of(args: argparse.Namespace) -> TrainSettings:
         weight_decay=args.weight_decay, scheduler=args.scheduler,
         warmup_epochs=args.warmup_epochs, lr_floor=args.lr_floor, patience=args.patience,
         min_epochs=args.min_epochs, dropout=args.dropout,
-        instance_dropout=args.instance_dropout, loss_preset=args.loss_preset,
+        instance_dropout=args.instance_dropout, balanced_sampling=args.balanced_sampling,
+        slide_norm=args.slide_norm, loss_preset=args.loss_preset,
         teacher=args.teacher, mhim_preset=args.mhim_preset,
     )  # fmt: skip
 
@@ -164,6 +166,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--instance-dropout",
         type=float,
         help="fraction of each training bag's instances dropped at random, every step",
+    )
+    parser.add_argument(
+        "--balanced-sampling",
+        metavar="{true,false}",
+        help="draw training bags with replacement, every fine class equally often (CLAM's "
+        "--weighted_sample); an epoch still has as many bags as the training set",
+    )
+    parser.add_argument(
+        "--slide-norm",
+        choices=SLIDE_NORMS,
+        help="per-slide normalisation of the features inside the model (a slide-level "
+        "offset from stain, scanner or site): center subtracts the slide's mean instance, "
+        "standardize also divides by its per-feature SD; recorded in model.pt",
     )
     parser.add_argument(
         "--loss-preset",

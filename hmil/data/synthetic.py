@@ -10,6 +10,12 @@ with u (one per coarse class) and v (one per fine class) orthonormal directions.
 coarse class is the easy question and fine classes of one coarse group differ subtly
 (cosine 1/(1 + fine_offset²) between their means), as in real fine-grained slides.
 
+Real cohorts differ from this in two ways that the generator can add: class proportions
+(``bags_per_class`` per class, e.g. BRACS's or PANDA's) and a slide-level shift
+(``slide_shift``): one offset shared by every instance of a slide, as stain, scanner and
+site give, of norm ``slide_shift · signal`` in a random direction. The offsets come from
+a stream of their own, so a cohort with a shift is the same cohort plus the offsets.
+
 The result is deterministic given the seed, and can be written as a features directory
 (``<slide_id>.h5`` with ``features``/``coords``) plus a slide table, for end-to-end tests
 of training and evaluation without slides or encoders.
@@ -38,7 +44,8 @@ class SyntheticConfig:
     """Size and difficulty of a synthetic cohort.
 
     Attributes:
-        bags_per_class: bags (slides) per fine class.
+        bags_per_class: bags (slides) per fine class: one count for every class, or one
+            per class in hierarchy order (real class proportions).
         feature_dim: D.
         min_instances, max_instances: bag size N is uniform in this inclusive range.
         min_key_fraction, max_key_fraction: fraction of key instances per bag, uniform.
@@ -46,10 +53,11 @@ class SyntheticConfig:
         fine_offset: how far fine class means stray from their coarse direction.
         noise: std of every feature.
         slides_per_patient: consecutive slides of one class share a patient id.
+        slide_shift: norm of each slide's shared offset, as a fraction of ``signal``.
         seed: seed of the generator; same seed, same cohort.
     """
 
-    bags_per_class: int = 8
+    bags_per_class: int | tuple[int, ...] = 8
     feature_dim: int = 64
     min_instances: int = 50
     max_instances: int = 200
@@ -59,11 +67,15 @@ class SyntheticConfig:
     fine_offset: float = 0.3
     noise: float = 1.0
     slides_per_patient: int = 1
+    slide_shift: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.bags_per_class < 1 or self.feature_dim < 1 or self.slides_per_patient < 1:
+        counts = np.atleast_1d(self.bags_per_class)
+        if counts.min() < 1 or self.feature_dim < 1 or self.slides_per_patient < 1:
             raise ValueError("bags_per_class, feature_dim and slides_per_patient must be ≥ 1")
+        if self.slide_shift < 0:
+            raise ValueError("slide_shift must be ≥ 0")
         if not 1 <= self.min_instances <= self.max_instances:
             raise ValueError("need 1 ≤ min_instances ≤ max_instances")
         if not 0 < self.min_key_fraction <= self.max_key_fraction <= 1:
@@ -105,23 +117,36 @@ def class_means(
     return (config.signal * means).astype(np.float32)
 
 
+def class_counts(hierarchy: Hierarchy, config: SyntheticConfig) -> np.ndarray:
+    """int [C_f]: bags of each fine class."""
+    if np.ndim(config.bags_per_class) and len(config.bags_per_class) != hierarchy.num_fine:
+        raise ValueError(
+            f"bags_per_class has {len(config.bags_per_class)} counts for "
+            f"{hierarchy.num_fine} fine classes"
+        )
+    return np.broadcast_to(np.asarray(config.bags_per_class, dtype=int), hierarchy.num_fine).copy()
+
+
 def generate_cohort(hierarchy: Hierarchy, config: SyntheticConfig | None = None) -> SyntheticCohort:
     """Generate ``bags_per_class`` bags for every fine class, in a seeded random order."""
     config = config or SyntheticConfig()
     rng = np.random.default_rng(config.seed)
     means = class_means(hierarchy, config, rng)
+    counts = class_counts(hierarchy, config)
 
-    fine_of_bag = np.repeat(np.arange(hierarchy.num_fine), config.bags_per_class)
+    fine_of_bag = np.repeat(np.arange(hierarchy.num_fine), counts)
     # Patients are numbered inside each class before shuffling, so a patient's slides
     # always share one label (as the patient-grouped splits expect).
+    patients_per_class = -(-counts // config.slides_per_patient)
+    first_patient = np.concatenate([[0], np.cumsum(patients_per_class)[:-1]])
     patient_of_bag = np.concatenate(
         [
-            np.arange(config.bags_per_class) // config.slides_per_patient
-            + fine * math.ceil(config.bags_per_class / config.slides_per_patient)
-            for fine in range(hierarchy.num_fine)
+            np.arange(count) // config.slides_per_patient + first
+            for count, first in zip(counts, first_patient, strict=True)
         ]
     )
     order = rng.permutation(len(fine_of_bag))
+    shifts = slide_shifts(config, len(order))
 
     features, key_instances, rows = [], [], []
     for position, bag in enumerate(order):
@@ -133,6 +158,7 @@ def generate_cohort(hierarchy: Hierarchy, config: SyntheticConfig | None = None)
         is_key[rng.choice(num_instances, size=num_key, replace=False)] = True
         bag_features = config.noise * rng.standard_normal((num_instances, config.feature_dim))
         bag_features[is_key] += means[fine]
+        bag_features += shifts[position]
         features.append(bag_features.astype(np.float32))
         key_instances.append(is_key)
         rows.append(
@@ -144,6 +170,17 @@ def generate_cohort(hierarchy: Hierarchy, config: SyntheticConfig | None = None)
             }
         )
     return SyntheticCohort(features, key_instances, pd.DataFrame(rows), means)
+
+
+def slide_shifts(config: SyntheticConfig, num_bags: int) -> np.ndarray:
+    """float [num_bags, D]: each slide's offset, norm slide_shift · signal, random direction
+    (zeros without a shift); a generator of its own keeps the cohort's other draws."""
+    if config.slide_shift == 0:
+        return np.zeros((num_bags, config.feature_dim))
+    rng = np.random.default_rng([config.seed, 1])
+    directions = rng.standard_normal((num_bags, config.feature_dim))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    return config.slide_shift * config.signal * directions
 
 
 def patch_coords(num_instances: int) -> np.ndarray:

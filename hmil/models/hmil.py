@@ -86,7 +86,52 @@ class HMIL(nn.Module):
         )
 
 
+class ClassRowScorer(nn.Module):
+    """One weight vector and one bias per class row: logits[k] = w[k] · slots[k] + b[k].
+
+    Unlike HMIL's shared scorer, a row's bias does not cancel (it is the class's own), so
+    it trains. Kaiming-normal weights (fan-in = slot width) and zero biases, as
+    :func:`init_kaiming_` gives every Linear layer.
+    """
+
+    def __init__(self, num_rows: int, slot_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_rows, slot_dim))
+        self.bias = nn.Parameter(torch.zeros(num_rows))
+        nn.init.kaiming_normal_(self.weight)
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        # [num_rows, 1], the shape of a shared Linear(slot_dim, 1)'s output, so that
+        # HMIL.forward reads both scorers alike
+        return ((slots * self.weight).sum(-1) + self.bias).unsqueeze(-1)
+
+
+class HMILMB(HMIL):
+    """HMIL with a scorer per class row in both branches (named as CLAM-MB names its
+    one-classifier-per-class variant); embeddings, class-wise attention, losses and
+    curriculum are HMIL's.
+
+    Why: HMIL's shared scorer gives one score direction for every class's slot, so one
+    instance embedding must rank each class's key instances above the background; within
+    the default protocol's 50 epochs it does not (true-row attention on key instances at
+    chance, README "Learning check"), and HMIL trails ABMIL. A scorer per row lets each
+    class's attention row and readout specialise (docs: hmil-method.md, "Variants").
+    """
+
+    def __init__(self, in_dim: int, num_fine: int, num_coarse: int, **kwargs) -> None:
+        super().__init__(in_dim, num_fine, num_coarse, **kwargs)
+        fine_dim = self.fine_embedding.out_features
+        self.coarse_scorer = ClassRowScorer(num_coarse, in_dim)
+        self.fine_scorer = ClassRowScorer(num_fine, fine_dim)
+
+
 @register_model
 def hmil(in_dim: int, num_fine: int, num_coarse: int, **kwargs) -> HMIL:
     """HMIL with the method's defaults (256/64 widths, no dropout)."""
     return HMIL(in_dim, num_fine, num_coarse, **kwargs)
+
+
+@register_model
+def hmil_mb(in_dim: int, num_fine: int, num_coarse: int, **kwargs) -> HMILMB:
+    """HMIL with one scorer per class row (fine and coarse), the method's other defaults."""
+    return HMILMB(in_dim, num_fine, num_coarse, **kwargs)

@@ -45,3 +45,27 @@ def check_bag(bag: torch.Tensor, in_dim: int) -> None:
         raise ValueError(f"expected one bag of shape [N, {in_dim}], got {tuple(bag.shape)}")
     if bag.shape[0] == 0:
         raise ValueError("empty bag (N = 0)")
+
+
+def normalise_slide(bag: torch.Tensor, mode: str) -> torch.Tensor:
+    """The bag [N, D] without its slide-level offset: ``center`` subtracts each feature's
+    median over the slide's instances, ``standardize`` also divides by its SD (floored, so
+    a constant feature stays finite); ``none`` returns the bag unchanged.
+
+    Why: stain, scanner and site move every instance of a slide by one shared offset, which
+    attention pooling passes on to the bag embedding (attention weights sum to 1), as large
+    as the class signal. The median, not the mean: while the class shows in a minority of
+    instances the median is the background's centre, so the mean of the centred bag keeps
+    the class signal that uniform attention sees at the start of training; subtracting
+    the mean removes it, and ABMIL then stayed at chance (README "Learning check"). A
+    class that covers most of a slide moves its median too: there centring removes part
+    of that class's signal.
+    """
+    if mode == "none":
+        return bag
+    centred = bag - bag.median(dim=0, keepdim=True).values
+    if mode == "center":
+        return centred
+    if mode == "standardize":
+        return centred / bag.std(dim=0, unbiased=False, keepdim=True).clamp_min(1e-3)
+    raise ValueError(f"unknown slide_norm {mode!r} (one of: none, center, standardize)")

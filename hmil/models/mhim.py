@@ -178,6 +178,13 @@ def load_teacher(
             f"{path}: teacher was trained on {checkpoint.get('in_dim')}-dimensional features, "
             f"these are {in_dim}-dimensional"
         )
+    teacher_norm = (checkpoint.get("model_kwargs") or {}).get("slide_norm", "none")
+    student_norm = getattr(model, "slide_norm", "none")
+    if teacher_norm != student_norm:
+        raise TeacherError(
+            f"{path}: teacher was trained with slide_norm {teacher_norm!r}, this run uses "
+            f"{student_norm!r} (train both with the same training.slide_norm)"
+        )
     teacher_fine = list((checkpoint.get("hierarchy") or {}).get("fine", {}))
     if teacher_fine != list(fine_classes):
         raise TeacherError(

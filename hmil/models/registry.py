@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import overload
 
+import torch
 from torch import nn
 
 from hmil.data.hierarchy import Hierarchy
+from hmil.models.layers import normalise_slide
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -45,7 +47,12 @@ def list_models() -> list[str]:
 
 
 def create_model(
-    name: str, in_dim: int, hierarchy: Hierarchy | tuple[int, int], **kwargs
+    name: str,
+    in_dim: int,
+    hierarchy: Hierarchy | tuple[int, int],
+    *,
+    slide_norm: str = "none",
+    **kwargs,
 ) -> nn.Module:
     """Build model ``name`` for bags of feature dimension ``in_dim``.
 
@@ -53,6 +60,9 @@ def create_model(
         name: a registered model name (see :func:`list_models`).
         in_dim: feature dimension D, read from the data (never hard-coded).
         hierarchy: the label hierarchy, or the pair (num_fine, num_coarse).
+        slide_norm: ``none``, ``center`` or ``standardize``: every bag is normalised
+            (:func:`~hmil.models.layers.normalise_slide`) before the model sees it, the same
+            for every model; the model's ``slide_norm`` attribute says which.
         **kwargs: hyperparameters passed on to the model's constructor.
     """
     if name not in _BUILDERS:
@@ -61,4 +71,13 @@ def create_model(
         num_fine, num_coarse = hierarchy.num_fine, hierarchy.num_coarse
     else:
         num_fine, num_coarse = hierarchy
-    return _BUILDERS[name](in_dim=in_dim, num_fine=num_fine, num_coarse=num_coarse, **kwargs)
+    normalise_slide(torch.zeros(1, 1), slide_norm)  # an unknown mode fails here, not later
+    model = _BUILDERS[name](in_dim=in_dim, num_fine=num_fine, num_coarse=num_coarse, **kwargs)
+    model.slide_norm = slide_norm
+    if slide_norm != "none":
+        # a pre-hook, so that every model (and every caller: training, deployment, an MHIM
+        # teacher inside its student) gets the same normalisation without a wrapper type
+        model.register_forward_pre_hook(
+            lambda _module, args: (normalise_slide(args[0], slide_norm), *args[1:])
+        )
+    return model

@@ -50,7 +50,7 @@ def load_fold(settings: TrainSettings, options: RunOptions, hierarchy: Hierarchy
     for split in ("train", "val"):
         if tables[split].empty:
             raise TrainingError(f"fold {settings.fold} has no usable {split!r} slides")
-    check_cohort(settings, tables)
+    check_cohort(settings, tables, hierarchy)
     train_set = BagDataset(tables["train"], options.features, hierarchy)
     datasets = {"train": train_set}
     for split in ("val", "test"):

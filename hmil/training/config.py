@@ -42,6 +42,8 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "min_epochs": "auto",
         "dropout": 0.25,
         "instance_dropout": 0.25,
+        "balanced_sampling": False,
+        "slide_norm": "none",
     },
     "paper": {
         "epochs": 200,
@@ -56,12 +58,31 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "min_epochs": 0,
         "dropout": 0.0,
         "instance_dropout": 0.0,
+        "balanced_sampling": False,
+        "slide_norm": "none",
     },
 }
 SCHEDULERS = ("warmup_cosine", "cosine", "plateau")
 OPTIMIZERS = ("adam", "adamw")
 DEVICES = ("cpu", "cuda")
 ON_ERROR = ("fail", "record")
+#: Per-slide normalisation of the features inside every model (hmil.models.layers).
+SLIDE_NORMS = ("none", "center", "standardize")
+#: Settings recorded in TrainConfig only when they differ from these, so the records of
+#: runs made before they existed still match.
+NEW_SETTING_DEFAULTS = {"balanced_sampling": False, "slide_norm": "none"}
+
+
+def parse_bool(value: bool | str) -> bool:
+    """true/false (yes/no, 1/0) as the command line and YAML give them."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise ValueError(f"expected true or false, not {value!r}")
 
 
 def _flag(name: str) -> str:
@@ -90,6 +111,8 @@ class TrainSettings:
     min_epochs: int | str
     dropout: float
     instance_dropout: float
+    balanced_sampling: bool
+    slide_norm: str
     loss_preset: str | None = None
     teacher: str | None = None
     mhim_preset: str | None = None
@@ -124,9 +147,15 @@ class TrainSettings:
                 ) from None
             if self.min_epochs < 0:
                 raise TrainingError("--min-epochs must be ≥ 0")
-        for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS)):
+        for name, choices in (
+            ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("slide_norm", SLIDE_NORMS)
+        ):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise TrainingError(f"{_flag(name)} must be one of: {', '.join(choices)}")
+        try:
+            object.__setattr__(self, "balanced_sampling", parse_bool(self.balanced_sampling))
+        except ValueError as error:
+            raise TrainingError(f"--balanced-sampling: {error}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +206,8 @@ class TrainConfig:
     min_epochs: int = 0  # early stopping cannot end the run before this many epochs
     dropout: float = 0.0
     instance_dropout: float = 0.0
+    balanced_sampling: bool = False
+    slide_norm: str = "none"
     # MHIM runs only: the MHIM preset and the sha256 of the --teacher checkpoint
     mhim_preset: str | None = None
     teacher_sha256: str | None = None
@@ -209,18 +240,23 @@ class TrainConfig:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        # optional fields appear only when set, so runs of other models keep their config
+        # optional fields appear only when set, so runs of other models keep their config,
+        # and newer settings only when not at their default, so earlier runs keep theirs
         optional = ("mhim_preset", "teacher_sha256")
         return {
             key: value
             for key, value in asdict(self).items()
             if not (key in optional and value is None)
+            and not (key in NEW_SETTING_DEFAULTS and value == NEW_SETTING_DEFAULTS[key])
         }
 
 
-def check_cohort(settings: TrainSettings, tables: dict[str, pd.DataFrame]) -> None:
+def check_cohort(
+    settings: TrainSettings, tables: dict[str, pd.DataFrame], hierarchy: Hierarchy
+) -> None:
     """One error line for a fold the settings cannot train: fewer training slides than bags
-    per step, or a validation set of one fine class (no AUC to select a model by)."""
+    per step, a validation set of one fine class (no AUC to select a model by), or
+    class-balanced sampling with a fine class that has no training slide."""
     num_train = len(tables["train"])
     if num_train < settings.batch_bags:
         raise TrainingError(
@@ -234,6 +270,15 @@ def check_cohort(settings: TrainSettings, tables: dict[str, pd.DataFrame]) -> No
             f"{len(tables['val'])} slides); model selection by validation fine macro-AUC needs "
             f"two or more (raise splits.val_fraction or add slides)"
         )
+    if settings.balanced_sampling:
+        missing = sorted(set(hierarchy.fine) - set(tables["train"]["label"].astype(str)))
+        if missing:
+            raise TrainingError(
+                f"fold {settings.fold}: fine class(es) {', '.join(map(repr, missing))} have no "
+                f"training slide; class-balanced sampling (--balanced-sampling, "
+                f"training.balanced_sampling) draws every class equally, so each needs one "
+                f"(turn it off, or add slides of these classes)"
+            )
 
 
 def resolve_min_epochs(settings: TrainSettings, loss_config: LossConfig) -> int:

@@ -150,7 +150,7 @@ def train_and_validate(
     started = time.perf_counter()
     train_loader = epoch_loader(
         train_set, config.batch_bags, config.seed, epoch, fitting.options.num_workers,
-        device.type == "cuda",
+        device.type == "cuda", config.balanced_sampling,
     )  # fmt: skip
     train_terms = train_epoch(
         model, fitting.loss_fn, fitting.optimizer, train_loader, epoch, device,

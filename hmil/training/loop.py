@@ -14,7 +14,7 @@ import random
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from hmil.data.bags import BagDataset, collate_bags
 from hmil.training.losses import HMILLoss
@@ -35,22 +35,38 @@ def epoch_loader(
     epoch: int,
     num_workers: int,
     pin_memory: bool = False,
+    balanced: bool = False,
 ) -> DataLoader:
     """Bags in batches of ``batch_bags``; shuffled with a generator seeded by (seed, epoch)
     when ``seed`` is given, so the order of epoch e does not depend on a resume.
+    ``balanced`` (training only) draws len(dataset) bags with replacement, each fine class
+    with the same probability, so rare classes weigh as much in the loss as common ones.
     ``pin_memory`` (for CUDA) lets bags travel to the GPU while it computes."""
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    sampler = None
+    if balanced:
+        sampler = WeightedRandomSampler(
+            class_balanced_weights(dataset.fine_labels), len(dataset), generator=generator
+        )
     return DataLoader(
         dataset,
         batch_size=batch_bags,
-        shuffle=seed is not None,
+        shuffle=seed is not None and sampler is None,
+        sampler=sampler,
         generator=generator,
         collate_fn=collate_bags,
         num_workers=num_workers,
         pin_memory=pin_memory,
     )
+
+
+def class_balanced_weights(labels) -> torch.Tensor:
+    """float64 [B]: 1 / (bags of the bag's class), so every present class sums to 1."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    counts = torch.bincount(labels)
+    return 1.0 / counts[labels].double()
 
 
 def training_precision(device: torch.device) -> str:

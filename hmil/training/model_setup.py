@@ -14,7 +14,7 @@ from hmil.data.hierarchy import Hierarchy
 from hmil.models import create_model, list_models
 from hmil.models.mhim import MHIM, TeacherError, load_teacher
 from hmil.training.config import TrainingError, TrainSettings
-from hmil.training.losses import LossConfig
+from hmil.training.losses import HMILLoss, LossConfig
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def build_model(
     model_kwargs = mhim_model_kwargs(settings)
     if settings.dropout > 0:  # every model takes dropout; 0 keeps each model's own default
         model_kwargs["dropout"] = settings.dropout
+    model_kwargs["slide_norm"] = settings.slide_norm
     try:
         model = create_model(settings.model, in_dim=in_dim, hierarchy=hierarchy, **model_kwargs)
     except ValueError as error:  # e.g. an unknown MHIM preset
@@ -55,6 +56,7 @@ def build_model(
         loss_config = LossConfig.preset(loss_preset)
     except ValueError as error:
         raise TrainingError(str(error)) from None
+    check_loss_fits_model(model, settings.model, loss_config, loss_preset, hierarchy, in_dim)
     if not isinstance(model, MHIM):
         return ModelAndLoss(model, loss_config, loss_preset)
     # one source for the consistency weight: the MHIM preset's cl_alpha
@@ -66,6 +68,37 @@ def build_model(
     except TeacherError as error:
         raise TrainingError(f"--teacher {error}") from None
     return ModelAndLoss(model, loss_config, loss_preset, teacher_sha256)
+
+
+def check_loss_fits_model(
+    model: nn.Module,
+    name: str,
+    loss_config: LossConfig,
+    loss_preset: str,
+    hierarchy: Hierarchy,
+    in_dim: int,
+) -> None:
+    """One error line, before any epoch, when a loss term needs an output the model does not
+    give (e.g. the hmil preset's coarse terms on a flat model): the loss of one eval
+    forward of a 2-instance zero bag."""
+    parameter = next(model.parameters())
+    loss_fn = HMILLoss(hierarchy.membership_tensor(), num_epochs=1, config=loss_config)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(torch.zeros(2, in_dim, device=parameter.device))
+            label = torch.zeros(1, dtype=torch.long)
+            loss_fn.to(parameter.device)(
+                [output], label.to(parameter.device), epoch=0,
+                coarse_labels=label.to(parameter.device),
+            )  # fmt: skip
+    except ValueError as error:
+        raise TrainingError(
+            f"loss preset {loss_preset!r} does not fit model {name!r}: {error}"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def mhim_model_kwargs(settings: TrainSettings) -> dict[str, Any]:

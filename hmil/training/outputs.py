@@ -110,11 +110,7 @@ def model_record(
     return {
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
         "model": config.model,
-        "model_kwargs": (
-            {"mhim": model.preset or dataclasses.asdict(model.config)}
-            if isinstance(model, MHIM)
-            else {}
-        ),
+        "model_kwargs": model_kwargs(model),
         "in_dim": made["in_dim"],
         # how the training features were made: deployment refuses other features
         "features": made["features"],
@@ -124,6 +120,16 @@ def model_record(
         "seed": config.seed,
         "best_epoch": state["best_epoch"],
     }
+
+
+def model_kwargs(model: nn.Module) -> dict[str, Any]:
+    """What rebuilds the model beside its weights: the MHIM preset, the slide norm."""
+    kwargs: dict[str, Any] = {}
+    if isinstance(model, MHIM):
+        kwargs["mhim"] = model.preset or dataclasses.asdict(model.config)
+    if getattr(model, "slide_norm", "none") != "none":
+        kwargs["slide_norm"] = model.slide_norm
+    return kwargs
 
 
 def write_test_attention(

@@ -220,7 +220,8 @@ def teacher_checkpoint(wildcards):
 # value (benchmarks/learning_check.py reads the config the same way).
 PROTOCOL_FLAGS = (
     "epochs", "batch_bags", "lr", "optimizer", "weight_decay", "scheduler", "warmup_epochs",
-    "lr_floor", "patience", "min_epochs", "dropout", "instance_dropout",
+    "lr_floor", "patience", "min_epochs", "dropout", "instance_dropout", "balanced_sampling",
+    "slide_norm",
 )  # fmt: skip
 
 
