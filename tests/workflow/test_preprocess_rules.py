@@ -154,3 +154,30 @@ def test_demo_cohort_has_labels_patients_and_readable_slides(tmp_path):
     assert hierarchy["fine"] == {fine: coarse for fine, (coarse, _) in DEMO_CLASSES.items()}
     for path in sheet["path"]:
         assert (tmp_path / path).stat().st_size > 0
+
+
+def test_unknown_model_in_the_config_is_one_line_naming_it(tmp_path, run_snakemake):
+    sheet = tmp_path / "slides.csv"
+    sheet.write_text("slide_id,path,patient_id,label\na,a.svs,p,IC\n")
+    config = write_workflow_config(
+        tmp_path / "config.yaml", sheet, tmp_path / "results", models=["hmil_mb", "hmil_mbb"]
+    )
+    done = run_snakemake(config, "--dry-run")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    lines = [line for line in output.splitlines() if "unknown model" in line]
+    assert lines == [
+        "config models: unknown model 'hmil_mbb' (available: " + ", ".join(SCHEMA_MODELS) + ")"
+    ]
+    assert "Failed validating" not in output  # not the schema's many-line enum dump
+
+
+def test_the_config_schema_lists_every_registered_model():
+    from hmil.models import list_models
+
+    assert sorted(SCHEMA_MODELS) == list_models()
+
+
+SCHEMA_MODELS = yaml.safe_load(
+    (Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml").read_text()
+)["properties"]["models"]["items"]["enum"]

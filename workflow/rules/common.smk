@@ -3,6 +3,8 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -23,6 +25,21 @@ from preprocessing.features.import_sources import (  # noqa: E402
 )
 from preprocessing.slides.sheet import read_slide_sheet  # noqa: E402
 
+
+def check_model_names(models, schema_path):
+    """One line for an unknown model name, before the schema's many-line enum error."""
+    with open(schema_path) as handle:
+        known = yaml.safe_load(handle)["properties"]["models"]["items"]["enum"]
+    for name in models if isinstance(models, list) else []:
+        if name not in known:
+            raise WorkflowError(
+                f"config models: unknown model {name!r} (available: {', '.join(known)})"
+            )
+
+
+check_model_names(
+    config.get("models"), workflow.source_path("../schemas/config.schema.yaml")
+)
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 
