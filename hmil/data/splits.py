@@ -38,6 +38,12 @@ log = logging.getLogger("hmil.splits")
 
 PARTS = ("train", "val", "test")
 PROTOCOLS = ("kfold", "repeated")
+#: How to accept classes too small for every part of every fold, from the command line and
+#: from the workflow (which cannot pass the flag itself).
+SPARSE_HINT = (
+    "to go on without, pass --allow-sparse-classes, or set splits.allow_sparse_classes: true "
+    "in the workflow config"
+)
 
 
 class SplitError(PipelineError):
@@ -64,8 +70,8 @@ def make_splits(
     ``allow_sparse_classes``: then a warning, and some parts lack the class).
     """
     check_parameters(folds, seed, protocol, val_fraction, test_fraction)
-    slides = _normalised(table)
-    classes = _check_labels(slides, hierarchy)
+    slides = normalised_slides(table)
+    classes = check_labels(slides, hierarchy)
     patients = patient_labels(slides)
     counts = patients["label"].value_counts()
     minimum = folds if protocol == "kfold" else 3
@@ -86,8 +92,8 @@ def make_splits(
             "in train, val and test"
         )
         if not allow_sparse_classes:
-            raise SplitError(message + " (use --allow-sparse-classes to go on without)")
-        log.warning("%s; going on (--allow-sparse-classes): some folds lack them", message)
+            raise SplitError(message + f" ({SPARSE_HINT})")
+        log.warning("%s; going on (sparse classes allowed): some folds lack them", message)
 
     if protocol == "kfold":
         assignment = _kfold_assignment(patients, folds, seed, val_fraction, needed)
@@ -271,7 +277,7 @@ def check_parameters(
         )
 
 
-def _normalised(table: pd.DataFrame) -> pd.DataFrame:
+def normalised_slides(table: pd.DataFrame) -> pd.DataFrame:
     """Labels as class names; slides without patient id become their own patient."""
     missing = [c for c in ("slide_id", "patient_id", "label") if c not in table.columns]
     if missing:
@@ -298,7 +304,7 @@ def _normalised(table: pd.DataFrame) -> pd.DataFrame:
     return slides
 
 
-def _check_labels(slides: pd.DataFrame, hierarchy: Hierarchy | None) -> list[str]:
+def check_labels(slides: pd.DataFrame, hierarchy: Hierarchy | None) -> list[str]:
     """The class names in index order; SplitError naming the slides with unknown labels."""
     if hierarchy is None:
         return sorted(slides["label"].unique())
