@@ -98,3 +98,47 @@ def test_nothing_is_patched_and_the_comparison_holds_the_run(paper_run):
     assert comparison[["encoder", "model"]].values.tolist() == [[paper_run["encoder"], "hmil"]]
     assert comparison["status"].tolist() == ["ok"]
     assert "no attention heatmaps" in log  # .pt tensors carry no coordinates
+
+
+def splits_plan(tmp_path, splits: dict) -> subprocess.CompletedProcess:
+    """A dry run of the splits rule, its command printed, on the lint sheet of .test/."""
+    config = yaml.safe_load((PROJECT_ROOT / ".test" / "config" / "config.yaml").read_text())
+    config.update(
+        slides=str(PROJECT_ROOT / ".test" / "config" / "slides.csv"),
+        outdir=str(tmp_path / "out"),
+        splits=splits,
+    )
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = snakemake_command(tmp_path / "config.yaml", "--dry-run", "--printshellcmds")
+    command[command.index("--directory") + 1] = str(tmp_path)
+    return subprocess.run(
+        [*command, "--until", "splits"], cwd=tmp_path, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_the_workflow_passes_allow_sparse_classes_from_its_config(tmp_path, allow):
+    plan = splits_plan(tmp_path, {"folds": 2, "allow_sparse_classes": allow})
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    (command,) = [line for line in plan.stdout.splitlines() if "python -m hmil.splits" in line]
+    assert ("--allow-sparse-classes" in command) == allow
+    assert "--folds 2" in command and "--from-hmil-pkls" not in command
+
+
+def test_published_splits_set_the_folds_and_a_wrong_folder_is_one_line(tmp_path):
+    sheet = pd.read_csv(PROJECT_ROOT / ".test" / "config" / "slides.csv")
+    parts = [{"train": ["lint_a"], "val": ["lint_b"], "test": []}] * 4
+    pkls = write_published_pickles(tmp_path / "pkls", sheet, parts)
+    plan = splits_plan(tmp_path, {"from_hmil_pkls": str(pkls)})
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    (command,) = [line for line in plan.stdout.splitlines() if "python -m hmil.splits" in line]
+    assert f"--from-hmil-pkls {pkls} --folds 4" in command
+    assert "splits_3_descriptor.csv" in plan.stdout and "splits_4" not in plan.stdout
+
+    (pkls / "test_splits_2.pkl").unlink()
+    plan = splits_plan(tmp_path, {"from_hmil_pkls": str(pkls)})
+    assert plan.returncode != 0
+    assert (
+        f"splits.from_hmil_pkls: {pkls}: split 2 lacks test_splits_2.pkl"
+        in plan.stdout + plan.stderr
+    )
