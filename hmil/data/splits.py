@@ -29,7 +29,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from hmil.data.hierarchy import Hierarchy, label_name
 from plumbing.errors import PipelineError
@@ -186,6 +185,9 @@ def _test_folds(patients: pd.DataFrame, folds: int, seed: int, needed: int) -> l
     fold, or with fewer than two patients outside it, fall back to ``StratifiedKFold`` over
     patients, which deals every class's patients evenly (⌊n/K⌋ or ⌈n/K⌉ per fold).
     """
+    # Imported here: sklearn costs about a second, which published splits do not need.
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     labels = patients["label"].to_numpy()
     slide_patient = np.repeat(np.arange(len(patients)), patients["n_slides"].to_numpy())
     with warnings.catch_warnings():
