@@ -10,9 +10,13 @@ import sys
 import pytest
 import torch
 
+from hmil.data.synthetic import SyntheticConfig
 from hmil.evaluation.fold_models import UnusableFold, load_fold_model
 from hmil.models import create_model
 from hmil.models.mhim import TeacherError, load_teacher
+from tests.hmil.train_cli import one_error_line, write_fold_cohort
+
+SMALL = SyntheticConfig(bags_per_class=4, feature_dim=8, min_instances=10, max_instances=20)
 
 
 class RunsACommand:
@@ -56,5 +60,24 @@ def test_a_teacher_that_would_run_a_command_is_refused(tiny_hierarchy, tmp_path)
         load_teacher(model, tmp_path / "teacher.pt", 8, list(tiny_hierarchy.fine), fold=0)
     assert "cannot read teacher checkpoint (refused: it holds objects other than" in str(
         error.value
+    )
+    assert not marker.exists()
+
+
+def test_training_does_not_resume_from_a_last_pt_that_would_run_a_command(tmp_path, capsys):
+    cohort = write_fold_cohort(tmp_path, SMALL, 1, 1)
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "MARKER"
+    booby_trapped_model(out / "last.pt", marker)
+    args = [
+        "--features", str(cohort["root"] / "features"), "--splits", str(cohort["splits"]),
+        "--fold", "0", "--model", "abmil", "--hierarchy", str(cohort["hierarchy"]),
+        "--out", str(out), "--epochs", "1", "--batch-bags", "2",
+    ]  # fmt: skip
+    line = one_error_line(capsys, args)
+    assert line == (
+        f"error: {out / 'last.pt'}: cannot read checkpoint (refused: it holds objects other "
+        "than tensors and plain data (not loaded, nothing in it was run))"
     )
     assert not marker.exists()
