@@ -176,23 +176,7 @@ def write_published_splits(config: PublishedSplitConfig) -> pd.DataFrame:
 
     splits = published_fold_table(slides, published, hierarchy)
     folds = fold_columns(splits)
-    excluded = excluded_counts(splits, folds)
-    if any(excluded.values()):
-        log.warning(
-            "slides of the sheet that a published split does not list are left out of that "
-            "fold: %s",
-            ", ".join(f"{column} {n}" for column, n in excluded.items() if n),
-        )
-    across = patients_across_parts(splits, folds)
-    if any(across.values()):
-        column = next(c for c in folds if across[c])
-        log.warning(
-            "the published splits put slides of one patient in several parts (kept as "
-            "published): %d patient(s) in %s, e.g. %s",
-            len(across[column]),
-            column,
-            ", ".join(across[column][:3]),
-        )
+    excluded, across = _published_departures(splits, folds)
     sidecar = {
         "seed": None,
         "params": config.params(hierarchy, n_folds),
@@ -210,6 +194,30 @@ def write_published_splits(config: PublishedSplitConfig) -> pd.DataFrame:
     }
     write_split_files(splits, sidecar, classes, config.out, config.clam_dir)
     return splits
+
+
+def _published_departures(
+    splits: pd.DataFrame, folds: list[str]
+) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Slides left out of each fold and patients in several parts of it, each logged once."""
+    excluded = excluded_counts(splits, folds)
+    if any(excluded.values()):
+        log.warning(
+            "slides of the sheet that a published split does not list are left out of that "
+            "fold: %s",
+            ", ".join(f"{column} {n}" for column, n in excluded.items() if n),
+        )
+    across = patients_across_parts(splits, folds)
+    if any(across.values()):
+        column = next(c for c in folds if across[c])
+        log.warning(
+            "the published splits put slides of one patient in several parts (kept as "
+            "published): %d patient(s) in %s, e.g. %s",
+            len(across[column]),
+            column,
+            ", ".join(across[column][:3]),
+        )
+    return excluded, across
 
 
 def write_split_files(
