@@ -41,10 +41,11 @@ class PlainDataUnpickler(pickle.Unpickler):
     """Unpickles lists, tuples, dicts, sets, strings, bytes, numbers, booleans and None only.
 
     These are built by the pickle opcodes themselves. Anything else (classes, functions,
-    numpy scalars and arrays, ``copyreg`` extensions) has to be looked up by name through
-    :meth:`find_class` before it can be called or instantiated, and is refused there, so a
-    pickle made to run a command stops before the command exists in the unpickler.
-    Persistent ids (``persistent_load``) and out-of-band buffers are refused too.
+    numpy scalars and arrays) has to be looked up by name through :meth:`find_class` before
+    it can be called or instantiated, and is refused there, so a pickle made to run a
+    command stops before the command exists in the unpickler. Persistent ids
+    (``persistent_load``), out-of-band buffers and ``copyreg`` extension codes (none is
+    registered; a registered one would go through :meth:`find_class`) are refused too.
     """
 
     def __init__(self, file: io.BufferedIOBase, source: str | Path):
