@@ -288,3 +288,7 @@ def test_plain_data_loads_as_it_was_pickled_in_every_protocol():
         from collections import OrderedDict
 
         load_plain_pickle(pickle.dumps(OrderedDict(a=1)), "x.pkl")
+    # a copyreg extension code (EXT1 1) and an out-of-band buffer (NEXT_BUFFER): unreadable
+    for opcodes in (b"\x80\x02]\x82\x01a.", b"\x80\x05\x97."):
+        with pytest.raises(PublishedSplitError, match=r"x\.pkl: not a readable pickle"):
+            load_plain_pickle(opcodes, "x.pkl")
