@@ -3,12 +3,19 @@
     python -m hmil.splits SHEET.csv --folds K --out DATA_SPLIT.csv [--seed S]
         [--hierarchy H.yaml|preset] [--protocol kfold|repeated] [--val-fraction 0.1]
         [--test-fraction 0.1] [--allow-sparse-classes] [--clam-dir DIR]
+    python -m hmil.splits SHEET.csv --from-hmil-pkls DIR --out DATA_SPLIT.csv
+        [--hierarchy H.yaml|preset] [--clam-dir DIR] [--folds K]
 
 Writes DATA_SPLIT.csv (one row per slide: ``slide_id, patient_id, label, coarse_label,
 fold0 … fold{K-1}`` holding ``train``/``val``/``test``) and a sidecar DATA_SPLIT.json
 (parameters, seed, code version, class counts per fold and part), both atomically;
 ``--clam-dir DIR`` also writes the same folds in CLAM's layout. How patients are grouped
 and stratified is :mod:`hmil.data.splits`; the files are :mod:`hmil.data.split_files`.
+
+``--from-hmil-pkls DIR`` writes the HMIL authors' published splits instead
+(``{train,val,test}_splits_{k}.pkl``, read without running code from them:
+:mod:`hmil.data.published_splits`): fold k is published split k, exactly; the sidecar
+records the folder and each pickle's SHA-256.
 """
 
 from __future__ import annotations
@@ -16,7 +23,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hmil.data.split_files import SplitConfig, write_splits
+from hmil.data.split_files import (
+    PublishedSplitConfig,
+    SplitConfig,
+    write_published_splits,
+    write_splits,
+)
 from hmil.data.splits import PROTOCOLS
 from plumbing.cli import config_from_args, run_cli, setup_logging
 
@@ -27,12 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Patient-grouped, label-stratified splits of a slide sheet (DATA_SPLIT.csv).",
     )
     parser.add_argument("sheet", type=Path, help="slide sheet CSV (slide_id, patient_id, label)")
-    parser.add_argument("--folds", type=int, required=True, help="folds (kfold) or repeats")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        help="folds (kfold) or repeats; with --from-hmil-pkls, the published splits expected",
+    )
     parser.add_argument("--out", type=Path, required=True, help="DATA_SPLIT.csv to write")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the split (the split depends on nothing else)"
     )
     parser.add_argument("--hierarchy", help="hierarchy YAML or preset name (checks labels)")
+    parser.add_argument(
+        "--from-hmil-pkls",
+        type=Path,
+        metavar="DIR",
+        help="write the HMIL authors' published splits ({train,val,test}_splits_{k}.pkl in "
+        "DIR) instead of making new ones; --seed, --protocol and the fractions do not apply",
+    )
     parser.add_argument(
         "--protocol", choices=PROTOCOLS, default="kfold",
         help="kfold: patient-grouped stratified k-fold; repeated: the paper's random 80/10/10",
@@ -61,8 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if args.from_hmil_pkls is not None:
+        published = config_from_args(PublishedSplitConfig, args)
+        splits = write_published_splits(published)
+        print(
+            f"{published.out}: {len(splits)} slides, the "
+            f"{sum(c.startswith('fold') for c in splits.columns)} published splits of "
+            f"{published.from_hmil_pkls}"
+            + (f"; CLAM layout in {published.clam_dir}" if published.clam_dir else "")
+        )
+        return 0
+    if args.folds is None:
+        parser.error("--folds is required (or --from-hmil-pkls DIR)")
     config = config_from_args(SplitConfig, args)
     splits = write_splits(config)
     print(

@@ -20,7 +20,23 @@ import numpy as np
 import pandas as pd
 
 from hmil.data.hierarchy import Hierarchy, HierarchyError, load_hierarchy
-from hmil.data.splits import PARTS, SplitError, check_parameters, fold_columns, make_splits
+from hmil.data.published_splits import (
+    PublishedSplitError,
+    check_against_sheet,
+    excluded_counts,
+    patients_across_parts,
+    published_fold_table,
+    read_published_splits,
+)
+from hmil.data.splits import (
+    PARTS,
+    SplitError,
+    check_labels,
+    check_parameters,
+    fold_columns,
+    make_splits,
+    normalised_slides,
+)
 from plumbing.atomic import atomic_outputs
 from plumbing.provenance import code_version
 from preprocessing.slides.sheet import read_slide_sheet
@@ -101,9 +117,121 @@ def write_splits(config: SplitConfig) -> pd.DataFrame:
         "classes": classes,
         "counts": class_counts(splits, classes),
     }
+    write_split_files(splits, sidecar, classes, config.out, config.clam_dir)
+    return splits
+
+
+@dataclass(frozen=True)
+class PublishedSplitConfig:
+    """The HMIL authors' published splits (``{train,val,test}_splits_{k}.pkl`` in
+    ``from_hmil_pkls``) as a DATA_SPLIT of the sheet: one fold per published split."""
+
+    sheet: Path
+    out: Path  #: DATA_SPLIT.csv; the sidecar is the same path with .json
+    from_hmil_pkls: Path  #: the folder of split pickles
+    folds: int | None = None  #: when given, the number of published splits expected
+    hierarchy: str | None = None  #: YAML path or preset name; checks the labels
+    clam_dir: Path | None = None  #: also write the folds in CLAM's layout here
+
+    def params(self, hierarchy: Hierarchy | None, folds: int) -> dict[str, Any]:
+        """The parameters recorded in the sidecar."""
+        return {
+            "sheet": str(self.sheet),
+            "folds": folds,
+            "protocol": "published",
+            "from_hmil_pkls": str(self.from_hmil_pkls),
+            "hierarchy": hierarchy.name if hierarchy else None,
+            "clam_dir": str(self.clam_dir) if self.clam_dir else None,
+        }
+
+
+def write_published_splits(config: PublishedSplitConfig) -> pd.DataFrame:
+    """Read the published split pickles safely, check every row against the sheet and the
+    hierarchy, and write DATA_SPLIT.csv (``fold{k}`` = published split k, exactly), its
+    sidecar (source folder, each pickle's SHA-256, slides left out per fold) and
+    (``clam_dir``) CLAM's tables in one atomic write; returns the DATA_SPLIT table.
+
+    A slide of the sheet that split k does not list gets an empty ``fold{k}`` cell: it is
+    left out of that fold (neither trained, validated nor tested on). Nothing is written
+    when anything disagrees (PublishedSplitError or SplitError, one line).
+    """
+    hierarchy = _hierarchy(config.hierarchy)
+    sheet = read_slide_sheet(config.sheet, require_labels=False)
+    for column in ("patient_id", "label"):
+        if column not in sheet.columns:
+            raise SplitError(f"{config.sheet}: missing column {column!r}")
+    try:
+        slides = normalised_slides(sheet)
+        classes = check_labels(slides, hierarchy)
+    except SplitError as error:
+        raise SplitError(f"{config.sheet}: {error}") from None
+    published = read_published_splits(config.from_hmil_pkls)
+    n_folds = len(published.parts)
+    if config.folds is not None and config.folds != n_folds:
+        raise PublishedSplitError(
+            f"{config.from_hmil_pkls}: {n_folds} published splits, but --folds {config.folds}"
+        )
+    sheet_labels = dict(zip(slides["slide_id"], slides["label"], strict=True))
+    check_against_sheet(published, sheet_labels, config.sheet, hierarchy)
+
+    splits = published_fold_table(slides, published, hierarchy)
     folds = fold_columns(splits)
-    clam_paths = clam_split_paths(config.clam_dir, len(folds)) if config.clam_dir else []
-    with atomic_outputs(config.out, config.out.with_suffix(".json"), *clam_paths) as temporaries:
+    excluded, across = _published_departures(splits, folds)
+    sidecar = {
+        "seed": None,
+        "params": config.params(hierarchy, n_folds),
+        "code_version": code_version(),
+        "source": {
+            "directory": str(Path(config.from_hmil_pkls).resolve()),
+            "sha256": published.sha256,
+        },
+        "n_slides": len(splits),
+        "n_patients": int(splits["patient_id"].nunique()),
+        "classes": classes,
+        "counts": class_counts(splits, classes),
+        "excluded": excluded,
+        "patients_in_several_parts": {c: len(p) for c, p in across.items()},
+    }
+    write_split_files(splits, sidecar, classes, config.out, config.clam_dir)
+    return splits
+
+
+def _published_departures(
+    splits: pd.DataFrame, folds: list[str]
+) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Slides left out of each fold and patients in several parts of it, each logged once."""
+    excluded = excluded_counts(splits, folds)
+    if any(excluded.values()):
+        log.warning(
+            "slides of the sheet that a published split does not list are left out of that "
+            "fold: %s",
+            ", ".join(f"{column} {n}" for column, n in excluded.items() if n),
+        )
+    across = patients_across_parts(splits, folds)
+    if any(across.values()):
+        column = next(c for c in folds if across[c])
+        log.warning(
+            "the published splits put slides of one patient in several parts (kept as "
+            "published): %d patient(s) in %s, e.g. %s",
+            len(across[column]),
+            column,
+            ", ".join(across[column][:3]),
+        )
+    return excluded, across
+
+
+def write_split_files(
+    splits: pd.DataFrame,
+    sidecar: dict[str, Any],
+    classes: Sequence[str],
+    out: Path,
+    clam_dir: Path | None,
+) -> None:
+    """DATA_SPLIT.csv, its sidecar (``out`` with .json) and (``clam_dir``) CLAM's tables, in
+    one atomic write."""
+    folds = fold_columns(splits)
+    clam_paths = clam_split_paths(clam_dir, len(folds)) if clam_dir else []
+    with atomic_outputs(out, out.with_suffix(".json"), *clam_paths) as temporaries:
         csv_tmp, json_tmp, *clam_tmps = temporaries
         splits.to_csv(csv_tmp, index=False, lineterminator="\n")
         json_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -112,7 +240,6 @@ def write_splits(config: SplitConfig) -> pd.DataFrame:
             for table, path in zip(tables, clam_tmps[3 * k : 3 * k + 3], strict=True):
                 table.to_csv(path, lineterminator="\n")
     log.info("slides per fold, part and class:\n%s", counts_table(splits, classes))
-    return splits
 
 
 def _hierarchy(spec: str | None) -> Hierarchy | None:

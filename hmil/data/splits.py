@@ -29,7 +29,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from hmil.data.hierarchy import Hierarchy, label_name
 from plumbing.errors import PipelineError
@@ -38,6 +37,12 @@ log = logging.getLogger("hmil.splits")
 
 PARTS = ("train", "val", "test")
 PROTOCOLS = ("kfold", "repeated")
+#: How to accept classes too small for every part of every fold, from the command line and
+#: from the workflow (which cannot pass the flag itself).
+SPARSE_HINT = (
+    "to go on without, pass --allow-sparse-classes, or set splits.allow_sparse_classes: true "
+    "in the workflow config"
+)
 
 
 class SplitError(PipelineError):
@@ -64,8 +69,8 @@ def make_splits(
     ``allow_sparse_classes``: then a warning, and some parts lack the class).
     """
     check_parameters(folds, seed, protocol, val_fraction, test_fraction)
-    slides = _normalised(table)
-    classes = _check_labels(slides, hierarchy)
+    slides = normalised_slides(table)
+    classes = check_labels(slides, hierarchy)
     patients = patient_labels(slides)
     counts = patients["label"].value_counts()
     minimum = folds if protocol == "kfold" else 3
@@ -86,8 +91,8 @@ def make_splits(
             "in train, val and test"
         )
         if not allow_sparse_classes:
-            raise SplitError(message + " (use --allow-sparse-classes to go on without)")
-        log.warning("%s; going on (--allow-sparse-classes): some folds lack them", message)
+            raise SplitError(message + f" ({SPARSE_HINT})")
+        log.warning("%s; going on (sparse classes allowed): some folds lack them", message)
 
     if protocol == "kfold":
         assignment = _kfold_assignment(patients, folds, seed, val_fraction, needed)
@@ -180,6 +185,9 @@ def _test_folds(patients: pd.DataFrame, folds: int, seed: int, needed: int) -> l
     fold, or with fewer than two patients outside it, fall back to ``StratifiedKFold`` over
     patients, which deals every class's patients evenly (⌊n/K⌋ or ⌈n/K⌉ per fold).
     """
+    # Imported here: sklearn costs about a second, which published splits do not need.
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     labels = patients["label"].to_numpy()
     slide_patient = np.repeat(np.arange(len(patients)), patients["n_slides"].to_numpy())
     with warnings.catch_warnings():
@@ -271,7 +279,7 @@ def check_parameters(
         )
 
 
-def _normalised(table: pd.DataFrame) -> pd.DataFrame:
+def normalised_slides(table: pd.DataFrame) -> pd.DataFrame:
     """Labels as class names; slides without patient id become their own patient."""
     missing = [c for c in ("slide_id", "patient_id", "label") if c not in table.columns]
     if missing:
@@ -298,7 +306,7 @@ def _normalised(table: pd.DataFrame) -> pd.DataFrame:
     return slides
 
 
-def _check_labels(slides: pd.DataFrame, hierarchy: Hierarchy | None) -> list[str]:
+def check_labels(slides: pd.DataFrame, hierarchy: Hierarchy | None) -> list[str]:
     """The class names in index order; SplitError naming the slides with unknown labels."""
     if hierarchy is None:
         return sorted(slides["label"].unique())

@@ -13,6 +13,7 @@ from torch import nn
 
 from hmil.data.hierarchy import Hierarchy
 from hmil.models import create_model
+from plumbing.checkpoint_files import UnreadableCheckpoint, load_checkpoint
 from plumbing.errors import PipelineError
 
 log = logging.getLogger("hmil.evaluation")
@@ -67,10 +68,9 @@ def load_fold_model(run_dir: Path, device: torch.device) -> FoldModel | Unusable
         if metrics.get("status") == "failed":
             return UnusableFold(run_dir, f"training failed: {metrics.get('reason', '?')}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # truncated, foreign or damaged file
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return UnusableFold(run_dir, f"{path}: cannot read checkpoint ({first})")
+        checkpoint = load_checkpoint(path)
+    except UnreadableCheckpoint as error:  # truncated, foreign, damaged or unsafe file
+        return UnusableFold(run_dir, f"{path}: cannot read checkpoint ({error})")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         reason = checkpoint.get("reason") if isinstance(checkpoint, dict) else None
         return UnusableFold(run_dir, f"{path}: no trained weights ({reason or 'not a model.pt'})")

@@ -35,6 +35,7 @@ from hmil.models.mhim_masking import (
 from hmil.models.output import MILOutput
 from hmil.models.registry import register_model
 from hmil.models.transmil import transmil
+from plumbing.checkpoint_files import UnreadableCheckpoint, load_checkpoint
 
 
 class TeacherError(ValueError):
@@ -159,10 +160,9 @@ def load_teacher(
     if not path.is_file():
         raise TeacherError(f"{path}: teacher checkpoint not found")
     try:
-        checkpoint: Any = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # any unreadable file: one line, not a traceback
-        first_line = (str(error).strip().splitlines() or ["unreadable"])[0]
-        raise TeacherError(f"{path}: cannot read teacher checkpoint ({first_line})") from None
+        checkpoint: Any = load_checkpoint(path)
+    except UnreadableCheckpoint as error:  # any unreadable or unsafe file: one line
+        raise TeacherError(f"{path}: cannot read teacher checkpoint ({error})") from None
     if isinstance(checkpoint, dict) and checkpoint.get("status") == "failed":
         raise TeacherError(f"{path}: the teacher's training failed ({checkpoint.get('reason')})")
     if not isinstance(checkpoint, dict) or not {"model", "state_dict"} <= set(checkpoint):

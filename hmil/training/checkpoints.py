@@ -20,8 +20,25 @@ from hmil.data.bags import BagDataset
 from hmil.training.config import TrainConfig, TrainingError
 from hmil.training.outputs import FINAL_OUTPUTS
 from plumbing.atomic import atomic_outputs, buffered
+from plumbing.checkpoint_files import checkpoint_problem
 
 log = logging.getLogger("hmil.train")  # the command's logger: its log lines name it
+
+#: What last.pt holds besides tensors and plain data: NumPy's RNG state, an array. Only
+#: these are let through torch's weights-only unpickler (an array is rebuilt from its bytes;
+#: nothing is called that the file names), so a last.pt made to run code is refused too.
+NUMPY_ARRAY_GLOBALS = [
+    np.arange(1).__reduce__()[0],  # numpy's _reconstruct, wherever this numpy keeps it
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
+
+
+def load_last_checkpoint(path: Path) -> dict[str, Any]:
+    """last.pt, read as tensors, plain data and NumPy arrays only."""
+    with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def new_state() -> dict[str, Any]:
@@ -63,9 +80,11 @@ class Checkpoint:
         """The training state of the checkpoint, loaded into model, optimizer and scheduler;
         None when it was made from other inputs (then nothing is loaded)."""
         try:
-            checkpoint = torch.load(self.path, map_location="cpu", weights_only=False)
+            checkpoint = load_last_checkpoint(self.path)
         except Exception as error:  # a truncated file cannot happen (atomic), a foreign one can
-            raise TrainingError(f"{self.path}: cannot read checkpoint ({error})") from None
+            raise TrainingError(
+                f"{self.path}: cannot read checkpoint ({checkpoint_problem(error)})"
+            ) from None
         if checkpoint.get("config") != self.config.as_dict():
             raise TrainingError(
                 f"{self.path}: checkpoint of a run with other settings; delete it to start over"
@@ -167,7 +186,7 @@ def discard_other_settings(out: Path, config: TrainConfig) -> None:
             recorded.append(None)
     if last_path.is_file():
         try:
-            recorded.append(torch.load(last_path, map_location="cpu", weights_only=False)["config"])
+            recorded.append(load_last_checkpoint(last_path)["config"])
         except Exception:  # unreadable or foreign: not resumable either
             recorded.append(None)
     if all(settings == config.as_dict() for settings in recorded):

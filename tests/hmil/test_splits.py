@@ -212,6 +212,8 @@ def test_one_patient_per_class_is_a_clear_error(tmp_path, capsys):
     assert message.count("\n") == 0
     assert message.startswith(f"error: {path}: class(es) too small")
     assert "'a1' has 1 patient(s)" in message and "need at least 5" in message
+    # a workflow user cannot pass the flag: the message names the config key too
+    assert "--allow-sparse-classes" in message and "splits.allow_sparse_classes: true" in message
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 

@@ -1,5 +1,6 @@
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,6 +19,10 @@ os.environ.update(
 )
 sys.path.insert(0, str(PROJECT_ROOT))
 
+from hmil.data.published_splits import (  # noqa: E402
+    PublishedSplitError,
+    published_split_files,
+)
 from plumbing.errors import SheetError  # noqa: E402
 from preprocessing.features.import_sources import (  # noqa: E402
     FeatureImportError,
@@ -84,7 +89,20 @@ CLUSTER = config["cluster"]
 IMPORTED = FEATURES["dirs"]
 IMPORTED_ENCODERS = [e for e in ENCODERS if e in IMPORTED]
 EXTRACTED_ENCODERS = [e for e in ENCODERS if e not in IMPORTED]
-FOLDS = list(range(SPLITS["folds"]))
+# The folds: splits.folds new ones, or the published splits of splits.from_hmil_pkls (their
+# pickles are inputs of the splits rule, so a changed pickle writes the folds again).
+PUBLISHED_SPLITS = SPLITS["from_hmil_pkls"]
+try:
+    PUBLISHED_SPLIT_FILES = (
+        [str(p) for k in published_split_files(PUBLISHED_SPLITS) for p in k.values()]
+        if PUBLISHED_SPLITS
+        else []
+    )
+except PublishedSplitError as err:
+    raise WorkflowError(f"splits.from_hmil_pkls: {err}") from None
+FOLDS = list(
+    range(len(PUBLISHED_SPLIT_FILES) // 3 if PUBLISHED_SPLITS else SPLITS["folds"])
+)
 # The hierarchy is a YAML file (then a Snakemake input) or a preset name.
 HIERARCHY = config["hierarchy"]
 HIERARCHY_FILE = [HIERARCHY] if HIERARCHY.endswith((".yaml", ".yml")) else []
@@ -231,6 +249,21 @@ def teacher_checkpoint(wildcards):
     return (
         f"{OUTDIR}/models/{wildcards.encoder}/{baseline}/fold{wildcards.fold}/model.pt"
     )
+
+
+def split_arguments(wildcards):
+    """hmil.splits options: the published splits, or how to make new ones."""
+    if PUBLISHED_SPLITS:
+        return f"--from-hmil-pkls {shlex.quote(PUBLISHED_SPLITS)} --folds {len(FOLDS)}"
+    args = [
+        f"--folds {SPLITS['folds']}",
+        f"--seed {SPLITS['seed']}",
+        f"--val-fraction {SPLITS['val_fraction']}",
+        f"--protocol {SPLITS['protocol']}",
+    ]
+    if SPLITS["allow_sparse_classes"]:
+        args.append("--allow-sparse-classes")
+    return " ".join(args)
 
 
 # Training settings passed as hmil.train flags when set; one left out takes the protocol's

@@ -2,6 +2,7 @@ rule splits:
     input:
         sheet=config["slides"],
         hierarchy=HIERARCHY_FILE,
+        published=PUBLISHED_SPLIT_FILES,
     output:
         splits=report(
             f"{OUTDIR}/splits/DATA_SPLIT.csv",
@@ -21,13 +22,9 @@ rule splits:
         "../../envs/train.yaml"
     params:
         hierarchy=HIERARCHY,
-        folds=SPLITS["folds"],
-        seed=SPLITS["seed"],
-        val_fraction=SPLITS["val_fraction"],
-        protocol=SPLITS["protocol"],
+        args=split_arguments,
         clam_dir=lambda wildcards, output: Path(output.clam[0]).parent,
     shell:
-        "python -m hmil.splits {input.sheet:q} --folds {params.folds}"
-        " --out {output.splits:q} --seed {params.seed} --hierarchy {params.hierarchy:q}"
-        " --val-fraction {params.val_fraction} --protocol {params.protocol}"
-        " --clam-dir {params.clam_dir:q} > {log:q} 2>&1"
+        "python -m hmil.splits {input.sheet:q} --out {output.splits:q}"
+        " --hierarchy {params.hierarchy:q} --clam-dir {params.clam_dir:q} {params.args}"
+        " > {log:q} 2>&1"
