@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import overload
 
-import torch
 from torch import nn
 
 from hmil.data.hierarchy import Hierarchy
-from hmil.models.layers import normalise_slide
+from hmil.models.layers import SlideNorm
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -60,9 +59,10 @@ def create_model(
         name: a registered model name (see :func:`list_models`).
         in_dim: feature dimension D, read from the data (never hard-coded).
         hierarchy: the label hierarchy, or the pair (num_fine, num_coarse).
-        slide_norm: ``none``, ``center`` or ``standardize``: every bag is normalised
-            (:func:`~hmil.models.layers.normalise_slide`) before the model sees it, the same
-            for every model; the model's ``slide_norm`` attribute says which.
+        slide_norm: ``none``, ``center`` or ``standardize``: every bag is
+            normalised (:class:`~hmil.models.layers.SlideNorm`, the child module
+            ``slide_normaliser``) before the model sees it, the same for every model; the
+            model's ``slide_norm`` attribute says which.
         **kwargs: hyperparameters passed on to the model's constructor.
     """
     if name not in _BUILDERS:
@@ -71,13 +71,15 @@ def create_model(
         num_fine, num_coarse = hierarchy.num_fine, hierarchy.num_coarse
     else:
         num_fine, num_coarse = hierarchy
-    normalise_slide(torch.zeros(1, 1), slide_norm)  # an unknown mode fails here, not later
+    normaliser = SlideNorm(slide_norm)  # an unknown mode fails here, not later
     model = _BUILDERS[name](in_dim=in_dim, num_fine=num_fine, num_coarse=num_coarse, **kwargs)
     model.slide_norm = slide_norm
     if slide_norm != "none":
-        # a pre-hook, so that every model (and every caller: training, deployment, an MHIM
-        # teacher inside its student) gets the same normalisation without a wrapper type
+        # a child module called by a pre-hook, so that every model and every caller
+        # (training, deployment, an MHIM teacher inside its student) gets the same
+        # normalisation without a wrapper type
+        model.slide_normaliser = normaliser
         model.register_forward_pre_hook(
-            lambda _module, args: (normalise_slide(args[0], slide_norm), *args[1:])
+            lambda module, args: (module.slide_normaliser(args[0]), *args[1:])
         )
     return model

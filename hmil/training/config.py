@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from hmil.data.hierarchy import Hierarchy, hierarchy_as_dict
+from hmil.models.layers import SLIDE_NORMS
 from hmil.training.losses import TERMS, LossConfig
 from plumbing.errors import PipelineError
 
@@ -66,8 +67,6 @@ SCHEDULERS = ("warmup_cosine", "cosine", "plateau")
 OPTIMIZERS = ("adam", "adamw")
 DEVICES = ("cpu", "cuda")
 ON_ERROR = ("fail", "record")
-#: Per-slide normalisation of the features inside every model (hmil.models.layers).
-SLIDE_NORMS = ("none", "center", "standardize")
 #: Settings recorded in TrainConfig only when they differ from these, so the records of
 #: runs made before they existed still match.
 NEW_SETTING_DEFAULTS = {"balanced_sampling": False, "slide_norm": "none"}
