@@ -16,7 +16,7 @@ After every optimiser step the teacher moves towards the student by (1 − m), m
 Counts are exact: ⌈r·N⌉ instances per kind, from disjoint pools (the original takes a
 union of possibly overlapping sets), and at least one instance is always kept. The
 model wrapper that uses these lives in :mod:`hmil.models.mhim`; the original settings
-are presets in ``config/mhim_presets.yaml``.
+are presets in ``hmil/presets/mhim_presets.yaml``.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from hmil.training.presets import dataclass_from_mapping, get_preset, load_presets
+from plumbing.presets import PresetFile, dataclass_from_mapping, get_preset, load_presets
 
-MHIM_PRESETS_PATH = Path(__file__).resolve().parents[2] / "config" / "mhim_presets.yaml"
+#: The shipped presets (package data); users pass their own file as ``path``.
+MHIM_PRESETS_PATH = resources.files("hmil.presets") / "mhim_presets.yaml"
 
 # ⌈r·N⌉ without float noise turning 30.000000000000004 into 31
 _CEIL_TOLERANCE = 1e-9
@@ -96,12 +97,12 @@ class MHIMConfig:
         return dataclass_from_mapping(cls, values, source)
 
     @classmethod
-    def preset(cls, name: str, path: str | Path = MHIM_PRESETS_PATH) -> MHIMConfig:
-        """A named preset from ``config/mhim_presets.yaml``."""
+    def preset(cls, name: str, path: PresetFile = MHIM_PRESETS_PATH) -> MHIMConfig:
+        """A named preset from ``hmil/presets/mhim_presets.yaml``."""
         return get_preset(cls, name, path, "MHIM")
 
 
-def load_mhim_presets(path: str | Path = MHIM_PRESETS_PATH) -> dict[str, MHIMConfig]:
+def load_mhim_presets(path: PresetFile = MHIM_PRESETS_PATH) -> dict[str, MHIMConfig]:
     """All presets of an MHIM preset YAML file (``name: {field: value, ...}``), validated."""
     return load_presets(MHIMConfig, path)
 

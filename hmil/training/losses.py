@@ -5,7 +5,7 @@ weights and schedules of a :class:`LossConfig`; the default is the method's tota
 
     L = α(e)·L_ce^c + L_ce^f + L_ba + L_ia + (1 − α(e))·L_con,
 
-and every ablation of the paper is a preset in ``config/loss_presets.yaml``.
+and every ablation of the paper is a preset in ``hmil/presets/loss_presets.yaml``.
 
 Decisions where the method leaves a choice (documented defaults, each behind a switch):
 - L_ba uses the intended form NLL(log Mᵀ softmax(z_f), y_c); ``bag_alignment_form =
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
 from typing import Any, Literal
 
 import torch
@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmil.models.output import MILOutput, coarse_probs_from_fine
-from hmil.training.presets import dataclass_from_mapping, get_preset, load_presets
+from plumbing.presets import PresetFile, dataclass_from_mapping, get_preset, load_presets
 
-LOSS_PRESETS_PATH = Path(__file__).resolve().parents[2] / "config" / "loss_presets.yaml"
+#: The shipped presets (package data); users pass their own file as ``path``.
+LOSS_PRESETS_PATH = resources.files("hmil.presets") / "loss_presets.yaml"
 
 TERMS = (
     "coarse_ce",
@@ -251,8 +252,8 @@ class LossConfig:
         return dataclass_from_mapping(cls, values, source)
 
     @classmethod
-    def preset(cls, name: str, path: str | Path = LOSS_PRESETS_PATH) -> LossConfig:
-        """A named preset from ``config/loss_presets.yaml`` (fields not given: defaults)."""
+    def preset(cls, name: str, path: PresetFile = LOSS_PRESETS_PATH) -> LossConfig:
+        """A named preset from ``hmil/presets/loss_presets.yaml`` (fields not given: defaults)."""
         return get_preset(cls, name, path, "loss")
 
     def is_enabled(self, term: str) -> bool:
@@ -274,7 +275,7 @@ class LossConfig:
         return float(self.temperature)
 
 
-def load_loss_presets(path: str | Path = LOSS_PRESETS_PATH) -> dict[str, LossConfig]:
+def load_loss_presets(path: PresetFile = LOSS_PRESETS_PATH) -> dict[str, LossConfig]:
     """All presets of a loss-preset YAML file (``name: {field: value, ...}``), validated."""
     return load_presets(LossConfig, path)
 

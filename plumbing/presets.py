@@ -1,7 +1,10 @@
 """Frozen config dataclasses built from YAML mappings and named presets, checked once.
 
 Loss and MHIM settings share this: unknown keys are an error naming the source, and a
-preset file is ``name: {field: value, ...}`` with unset fields at their defaults.
+preset file is ``name: {field: value, ...}`` with unset fields at their defaults. It lives
+here, below every stage, so that models (MHIM) and training (losses) both read presets
+without one importing the other. A preset file is a path or a package resource
+(``importlib.resources.files(...) / name``), so shipped presets work from a wheel too.
 """
 
 from __future__ import annotations
@@ -12,6 +15,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+try:
+    from importlib.resources.abc import Traversable
+except ImportError:  # Python 3.10
+    from importlib.abc import Traversable
+
+#: A preset file: a path, or a package resource such as ``files("hmil.presets") / "x.yaml"``.
+PresetFile = str | Path | Traversable
 
 T = TypeVar("T")
 
@@ -27,9 +38,9 @@ def dataclass_from_mapping(cls: type[T], values: Mapping[str, Any], source: str)
     return cls(**values)
 
 
-def load_presets(cls: type[T], path: str | Path) -> dict[str, T]:
+def load_presets(cls: type[T], path: PresetFile) -> dict[str, T]:
     """All presets of a YAML file (``name: {field: value, ...}``), validated."""
-    path = Path(path)
+    path = Path(path) if isinstance(path, str) else path
     spec = yaml.safe_load(path.read_text())
     if not isinstance(spec, Mapping):
         raise ValueError(f"{path}: expected a mapping of preset name → settings")
@@ -39,7 +50,7 @@ def load_presets(cls: type[T], path: str | Path) -> dict[str, T]:
     }
 
 
-def get_preset(cls: type[T], name: str, path: str | Path, kind: str) -> T:
+def get_preset(cls: type[T], name: str, path: PresetFile, kind: str) -> T:
     """Preset ``name`` of ``path``; an unknown name is a ValueError listing the presets."""
     presets = load_presets(cls, path)
     if name not in presets:
