@@ -50,7 +50,7 @@ def imported_modules(tree: ast.Module) -> set[str]:
 
 def test_the_commands_are_the_top_level_modules_of_each_stage():
     assert {"hmil.train", "hmil.evaluate", "hmil.splits", "hmil.heatmaps", "hmil.compare",
-            "hmil.predict", "preprocessing.patch", "preprocessing.extract",
+            "hmil.deploy", "hmil.predict", "preprocessing.patch", "preprocessing.extract",
             "preprocessing.synthetic", "preprocessing.import_features"} <= COMMANDS  # fmt: skip
     for name in COMMANDS:
         assert "__main__" in SOURCES[name].read_text(), f"{name} is not a command"
