@@ -1,4 +1,4 @@
-"""HMIL's loss terms, their schedules, and their weighted sum (docs/hmil-method.md, "Losses").
+"""HMIL's loss terms, their schedules, and their weighted sum (docs/method.md, "Losses").
 
 Each term is a small pure function on tensors. :class:`HMILLoss` combines them with the
 weights and schedules of a :class:`LossConfig`; the default is the method's total
@@ -7,7 +7,8 @@ weights and schedules of a :class:`LossConfig`; the default is the method's tota
 
 and every ablation of the paper is a preset in ``hmil/presets/loss_presets.yaml``.
 
-Decisions where the method leaves a choice (documented defaults, each behind a switch):
+Decisions where the method leaves a choice (documented defaults, each behind a switch;
+docs/method.md, "Departures"):
 - L_ba uses the intended form NLL(log Mᵀ softmax(z_f), y_c); ``bag_alignment_form =
   "reference"`` gives the reference code's cross-entropy over the probabilities q.
 - L_con is *not* divided by the batch size B (standard SupCon, so its weight does not
