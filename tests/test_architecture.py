@@ -4,6 +4,7 @@ functions, commands as the only edges, dependencies pointing one way."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,21 @@ def test_no_module_imports_itself_in_a_circle():
                     seen.add(nxt)
                     stack.append((nxt, (*path, nxt)))
     assert not circles, f"import circles: {circles[:3]}"
+
+
+DOC_CITATION = re.compile(r"docs/([\w-]+\.md)(?:\s*\(|,)?\s*(?:\"([^\"]+)\")?")
+
+
+def test_documents_the_code_cites_exist_with_their_sections():
+    """A citation `docs/method.md ("Losses")` names a file and a heading that exist."""
+    cited = {
+        (doc, section)
+        for path in SOURCES.values()
+        for doc, section in DOC_CITATION.findall(path.read_text())
+    }
+    assert ("method.md", "Model") in cited
+    for doc, section in sorted(cited):
+        text = (ROOT / "docs" / doc).read_text() if (ROOT / "docs" / doc).is_file() else None
+        assert text is not None, f"the code cites docs/{doc}, which does not exist"
+        headings = {line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")}
+        assert not section or section in headings, f"docs/{doc} has no section {section!r}"
