@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -56,3 +56,26 @@ def get_preset(cls: type[T], name: str, path: PresetFile, kind: str) -> T:
     if name not in presets:
         raise ValueError(f"{path}: unknown {kind} preset {name!r} (presets: {', '.join(presets)})")
     return presets[name]
+
+
+class PresetSettings:
+    """Mixin of a frozen settings dataclass that presets are read into: ``from_mapping``,
+    ``preset(name)`` and ``presets()``, from the shipped file unless given another."""
+
+    PRESETS: ClassVar[PresetFile]  #: the shipped preset file
+    KIND: ClassVar[str]  #: what the settings are, in messages ("loss", "MHIM")
+
+    @classmethod
+    def from_mapping(cls: type[T], values: Mapping[str, Any], source: str | None = None) -> T:
+        """Build from a mapping of field overrides; unknown keys are an error."""
+        return dataclass_from_mapping(cls, values, source or f"{cls.KIND} config")
+
+    @classmethod
+    def preset(cls: type[T], name: str, path: PresetFile | None = None) -> T:
+        """Preset ``name`` of ``path`` (default: the shipped file); fields not given: defaults."""
+        return get_preset(cls, name, path or cls.PRESETS, cls.KIND)
+
+    @classmethod
+    def presets(cls: type[T], path: PresetFile | None = None) -> dict[str, T]:
+        """Every preset of ``path`` (default: the shipped file), validated."""
+        return load_presets(cls, path or cls.PRESETS)

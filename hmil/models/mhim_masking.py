@@ -22,15 +22,14 @@ are presets in ``hmil/presets/mhim_presets.yaml``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from plumbing.presets import PresetFile, dataclass_from_mapping, get_preset, load_presets
+from plumbing.presets import PresetFile, PresetSettings
 
 #: The shipped presets (package data); users pass their own file as ``path``.
 MHIM_PRESETS_PATH = resources.files("hmil.presets") / "mhim_presets.yaml"
@@ -40,7 +39,7 @@ _CEIL_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
-class MHIMConfig:
+class MHIMConfig(PresetSettings):
     """MHIM-MIL hyper-parameters (names follow the original's options).
 
     Attributes:
@@ -75,6 +74,9 @@ class MHIMConfig:
     class_aware: bool = False
     attention_layer: int = -1
 
+    PRESETS: ClassVar[PresetFile] = MHIM_PRESETS_PATH
+    KIND: ClassVar[str] = "MHIM"
+
     def __post_init__(self) -> None:
         for name in ("mask_ratio", "mask_ratio_l", "mask_ratio_h", "momentum"):
             value = getattr(self, name)
@@ -91,20 +93,10 @@ class MHIMConfig:
                 f"MHIM student_init must be none, embedding or all, got {self.student_init!r}"
             )
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "MHIM config") -> MHIMConfig:
-        """Build from a mapping of field overrides; unknown keys are an error."""
-        return dataclass_from_mapping(cls, values, source)
-
-    @classmethod
-    def preset(cls, name: str, path: PresetFile = MHIM_PRESETS_PATH) -> MHIMConfig:
-        """A named preset from ``hmil/presets/mhim_presets.yaml``."""
-        return get_preset(cls, name, path, "MHIM")
-
 
 def load_mhim_presets(path: PresetFile = MHIM_PRESETS_PATH) -> dict[str, MHIMConfig]:
     """All presets of an MHIM preset YAML file (``name: {field: value, ...}``), validated."""
-    return load_presets(MHIMConfig, path)
+    return MHIMConfig.presets(path)
 
 
 def cosine_schedule(start: float, end: float, progress: float) -> float:

@@ -20,17 +20,17 @@ docs/method.md, "Departures"):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hmil.models.output import MILOutput, coarse_probs_from_fine
-from plumbing.presets import PresetFile, dataclass_from_mapping, get_preset, load_presets
+from plumbing.presets import PresetFile, PresetSettings
 
 #: The shipped presets (package data); users pass their own file as ``path``.
 LOSS_PRESETS_PATH = resources.files("hmil.presets") / "loss_presets.yaml"
@@ -198,7 +198,7 @@ Weight = float | str  # a constant, or the name of a WEIGHT_SCHEDULES entry
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(PresetSettings):
     """Weights and schedules of every loss term. Defaults are the method's total loss.
 
     A weight is a number (constant) or a schedule name: ``curriculum`` (α(e)) or
@@ -218,6 +218,9 @@ class LossConfig:
     base_temperature: float = 0.1
     bag_alignment_form: Literal["nll", "reference"] = "nll"
     contrastive_divide_by_batch: bool = False
+
+    PRESETS: ClassVar[PresetFile] = LOSS_PRESETS_PATH
+    KIND: ClassVar[str] = "loss"
 
     def __post_init__(self) -> None:
         for term in TERMS:
@@ -247,16 +250,6 @@ class LossConfig:
                 f"bag_alignment_form must be 'nll' or 'reference', got {self.bag_alignment_form!r}"
             )
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "loss config") -> LossConfig:
-        """Build from a mapping of field overrides; unknown keys are an error."""
-        return dataclass_from_mapping(cls, values, source)
-
-    @classmethod
-    def preset(cls, name: str, path: PresetFile = LOSS_PRESETS_PATH) -> LossConfig:
-        """A named preset from ``hmil/presets/loss_presets.yaml`` (fields not given: defaults)."""
-        return get_preset(cls, name, path, "loss")
-
     def is_enabled(self, term: str) -> bool:
         """False only for a constant weight of 0: such a term is never computed."""
         weight = getattr(self, term)
@@ -278,7 +271,7 @@ class LossConfig:
 
 def load_loss_presets(path: PresetFile = LOSS_PRESETS_PATH) -> dict[str, LossConfig]:
     """All presets of a loss-preset YAML file (``name: {field: value, ...}``), validated."""
-    return load_presets(LossConfig, path)
+    return LossConfig.presets(path)
 
 
 # ---- the total -------------------------------------------------------------------------------
