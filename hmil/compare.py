@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--md", type=Path, help="Markdown table")
     parser.add_argument(
         "--external", nargs="+", type=Path, default=[], metavar="DEPLOY_DIR",
-        help="outputs of hmil.predict on labelled cohorts: a second table in --md",
+        help="outputs of hmil.deploy on labelled cohorts: a second table in --md",
     )  # fmt: skip
     parser.add_argument("--plot", type=Path, help="PNG: fine class AUC per run (grouped bars)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -5,7 +5,7 @@
         [--predictions predictions.csv] [--geojson]
 
 For every slide group of attention.h5 (the test slides of a fold, written by ``hmil.train``,
-or a deployed cohort's, by ``hmil.predict``) it writes ``<out>/<slide_id>.png`` (one panel
+or a deployed cohort's, by ``hmil.deploy``) it writes ``<out>/<slide_id>.png`` (one panel
 per branch: coarse, then fine; a single panel for single-branch models) and
 ``<out>/<slide_id>_top.jpg`` (the ``top-k`` patches of the fine panel's attention row, read
 from the slide at full patch resolution, with their raw attention). The montage is a

@@ -183,7 +183,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loss-preset",
         default=None,
-        help="preset of config/loss_presets.yaml (default: hmil; the model's own, e.g. clam, "
+        help="preset of hmil/presets/loss_presets.yaml (default: hmil; the model's own, e.g. clam, "
         "dsmil, or flat for models without a coarse head)",
     )
     parser.add_argument(
@@ -195,7 +195,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mhim-preset",
         default=None,
-        help="mhim_* models: preset of config/mhim_presets.yaml (default: <student>_c16)",
+        help="mhim_* models: preset of hmil/presets/mhim_presets.yaml (default: <student>_c16)",
     )
 
 

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 COMMANDS = [
-    "hmil.compare", "hmil.evaluate", "hmil.heatmaps", "hmil.predict", "hmil.splits",
+    "hmil.compare", "hmil.deploy", "hmil.evaluate", "hmil.heatmaps", "hmil.predict", "hmil.splits",
     "hmil.synthetic_features", "hmil.train", "preprocessing.extract",
     "preprocessing.import_features", "preprocessing.patch", "preprocessing.synthetic",
 ]  # fmt: skip

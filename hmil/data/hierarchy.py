@@ -20,13 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "config" / "hierarchies"
+from plumbing.presets import Traversable
+
+#: The shipped presets (package data, found in a wheel as in a checkout).
+PRESET_DIR = resources.files("hmil.presets") / "hierarchies"
 
 
 class HierarchyError(ValueError):
@@ -112,9 +116,9 @@ class Hierarchy:
         return cls(name, fine, coarse, tuple(coarse_of_fine), source=source)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> Hierarchy:
+    def from_yaml(cls, path: str | Path | Traversable) -> Hierarchy:
         """Load and validate a hierarchy YAML file; raises HierarchyError naming the file."""
-        path = Path(path)
+        path = Path(path) if isinstance(path, str) else path
         try:
             text = path.read_text()
         except OSError as error:
@@ -131,10 +135,14 @@ class Hierarchy:
 
     @classmethod
     def preset(cls, name: str) -> Hierarchy:
-        """Load a shipped preset (``bracs``, ``panda``, ``ccc``) from config/hierarchies/."""
+        """Load a shipped preset (``bracs``, ``panda``, ``ccc``) from hmil/presets/hierarchies/."""
         path = PRESET_DIR / f"{name}.yaml"
         if not path.is_file():
-            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            known = sorted(
+                p.name.removesuffix(".yaml")
+                for p in PRESET_DIR.iterdir()
+                if p.name.endswith(".yaml")
+            )
             raise HierarchyError(f"unknown hierarchy preset {name!r} (presets: {', '.join(known)})")
         return cls.from_yaml(path)
 

@@ -20,7 +20,7 @@ The result is deterministic given the seed, and can be written as a features dir
 (``<slide_id>.h5`` with ``features``/``coords``) plus a slide table, for end-to-end tests
 of training and evaluation without slides or encoders.
 
-    python -m hmil.synthetic_features --hierarchy config/hierarchies/bracs.yaml --out DIR
+    python -m hmil.synthetic_features --hierarchy hmil/presets/hierarchies/bracs.yaml --out DIR
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and bootstrapped metrics, :mod:`~hmil.evaluation.report` writes them as Markdown
 :mod:`~hmil.evaluation.outputs` puts every table and plot in place together.
 Comparison (``python -m hmil.compare``): :mod:`~hmil.evaluation.comparison` ranks the
 evaluated runs, naming failed ones (it owns their ``FAILED`` marker).
-Deployment (``python -m hmil.predict``): :mod:`~hmil.evaluation.fold_models` loads a run's
+Deployment (``python -m hmil.deploy``): :mod:`~hmil.evaluation.fold_models` loads a run's
 fold models, :mod:`~hmil.evaluation.ensemble` averages their probabilities and attention
 per slide, :mod:`~hmil.evaluation.deploy_inputs` checks the cohort and its features
 against the training record, and :mod:`~hmil.evaluation.deploy` predicts and writes,

@@ -1,6 +1,6 @@
 """Command-line options of the commands that report metrics with bootstrap CIs.
 
-``hmil.evaluate`` and ``hmil.predict`` compute the same patient bootstrap
+``hmil.evaluate`` and ``hmil.deploy`` compute the same patient bootstrap
 (:mod:`hmil.evaluation.metrics`), so they take it with the same options, defaults and help.
 """
 

@@ -180,7 +180,7 @@ def comparison_markdown(
             "",
             runs_markdown(external, pooled_title="ensemble"),
             "",
-            "Each run's fold models applied to a deployed cohort (hmil.predict): mean ± SD "
+            "Each run's fold models applied to a deployed cohort (hmil.deploy): mean ± SD "
             "over the fold models alone; ensemble: the mean of their probabilities, the "
             "deployed prediction, with its 95% patient-bootstrap CI.",
         ]
@@ -251,7 +251,7 @@ class ComparisonConfig:
     eval_dirs: tuple[Path, ...]  #: outputs of hmil.evaluate
     out: Path  #: comparison CSV
     markdown: Path | None = None
-    external: tuple[Path, ...] = ()  #: outputs of hmil.predict on labelled cohorts
+    external: tuple[Path, ...] = ()  #: outputs of hmil.deploy on labelled cohorts
     plot: Path | None = None  #: PNG of the fine class AUC per run
 
     def params(self) -> dict[str, Any]:

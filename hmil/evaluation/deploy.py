@@ -1,6 +1,6 @@
 """Apply the fold models of one encoder × model to the slides of another sheet.
 
-The core of ``python -m hmil.predict``: every slide of the sheet whose features can be
+The core of ``python -m hmil.deploy``: every slide of the sheet whose features can be
 used gets each fold model's probabilities and their mean (the ensemble, the prediction
 to use), and the folds' attention averaged per patch. Features made another way than the
 training features (encoder, weights, dimension, patch size or mpp, as recorded in
@@ -62,7 +62,7 @@ from hmil.evaluation.summary import (
 from plumbing.atomic import atomic_outputs
 from plumbing.provenance import code_version
 
-log = logging.getLogger("hmil.predict")
+log = logging.getLogger("hmil.deploy")
 
 SPLIT = "deploy"  #: the `split` value of every row of a deployment's predictions.csv
 

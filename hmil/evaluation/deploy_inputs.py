@@ -26,7 +26,7 @@ from hmil.evaluation.fold_models import FoldModel
 from plumbing.errors import PipelineError
 from preprocessing.slides.sheet import read_slide_sheet
 
-log = logging.getLogger("hmil.predict")
+log = logging.getLogger("hmil.deploy")
 
 
 class DeployError(PipelineError):

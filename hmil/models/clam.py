@@ -47,7 +47,7 @@ class CLAM(nn.Module):
         dropout: dropout after the embedding and in the attention gates; off by default.
     """
 
-    loss_preset = "clam"  # the trainer's default loss preset (config/loss_presets.yaml)
+    loss_preset = "clam"  # the trainer's default loss preset (hmil/presets/loss_presets.yaml)
 
     def __init__(
         self,

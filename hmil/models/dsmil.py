@@ -39,7 +39,7 @@ class DSMIL(nn.Module):
         dropout: dropout before the value projection (only with ``value_projection``).
     """
 
-    loss_preset = "dsmil"  # the trainer's default loss preset (config/loss_presets.yaml)
+    loss_preset = "dsmil"  # the trainer's default loss preset (hmil/presets/loss_presets.yaml)
 
     def __init__(
         self,

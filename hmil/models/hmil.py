@@ -1,6 +1,6 @@
 """HMIL (Jin et al., IEEE TMI 2025): dual-branch MIL with class-wise gated attention.
 
-See docs/hmil-method.md ("Model"). For one bag X [N, D]:
+See docs/method.md ("Model"). For one bag X [N, D]:
 
     H_c = W2 ReLU(W1 X)            [N, D]     coarse instance embedding (D → 256 → D)
     H_f = W3 H_c                   [N, 256]   fine instance embedding
@@ -14,7 +14,8 @@ Cost is linear in N: attention is a softmax over instances, never an N×N produc
 
 The method text writes the scorers with a bias (+ b_c, + b_f). One scalar added to every
 class's logit cancels in every softmax the losses and predictions take, so it would get
-zero gradient and stay at its zero init; it is left out so every parameter trains.
+zero gradient and stay at its zero init; it is left out so every parameter trains
+(docs/method.md, "Departures").
 """
 
 from __future__ import annotations

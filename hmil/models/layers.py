@@ -12,7 +12,7 @@ class GatedAttention(nn.Module):
     Maps instance embeddings H [N, in_dim] to A [num_rows, N], each row a softmax over the
     N instances: S = (tanh(H U) ⊙ sigmoid(H V)) W, A = softmax(Sᵀ). The score projection W
     has no bias: a constant added to a row cancels in the softmax over instances, so such
-    a bias would never receive a gradient.
+    a bias would never receive a gradient (docs/method.md, "Departures").
     """
 
     def __init__(self, in_dim: int, attention_dim: int, num_rows: int, dropout: float = 0.0):

@@ -16,30 +16,30 @@ After every optimiser step the teacher moves towards the student by (1 − m), m
 Counts are exact: ⌈r·N⌉ instances per kind, from disjoint pools (the original takes a
 union of possibly overlapping sets), and at least one instance is always kept. The
 model wrapper that uses these lives in :mod:`hmil.models.mhim`; the original settings
-are presets in ``config/mhim_presets.yaml``.
+are presets in ``hmil/presets/mhim_presets.yaml``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from importlib import resources
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from hmil.training.presets import dataclass_from_mapping, get_preset, load_presets
+from plumbing.presets import PresetFile, PresetSettings
 
-MHIM_PRESETS_PATH = Path(__file__).resolve().parents[2] / "config" / "mhim_presets.yaml"
+#: The shipped presets (package data); users pass their own file as ``path``.
+MHIM_PRESETS_PATH = resources.files("hmil.presets") / "mhim_presets.yaml"
 
 # ⌈r·N⌉ without float noise turning 30.000000000000004 into 31
 _CEIL_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
-class MHIMConfig:
+class MHIMConfig(PresetSettings):
     """MHIM-MIL hyper-parameters (names follow the original's options).
 
     Attributes:
@@ -74,6 +74,9 @@ class MHIMConfig:
     class_aware: bool = False
     attention_layer: int = -1
 
+    PRESETS: ClassVar[PresetFile] = MHIM_PRESETS_PATH
+    KIND: ClassVar[str] = "MHIM"
+
     def __post_init__(self) -> None:
         for name in ("mask_ratio", "mask_ratio_l", "mask_ratio_h", "momentum"):
             value = getattr(self, name)
@@ -90,20 +93,10 @@ class MHIMConfig:
                 f"MHIM student_init must be none, embedding or all, got {self.student_init!r}"
             )
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "MHIM config") -> MHIMConfig:
-        """Build from a mapping of field overrides; unknown keys are an error."""
-        return dataclass_from_mapping(cls, values, source)
 
-    @classmethod
-    def preset(cls, name: str, path: str | Path = MHIM_PRESETS_PATH) -> MHIMConfig:
-        """A named preset from ``config/mhim_presets.yaml``."""
-        return get_preset(cls, name, path, "MHIM")
-
-
-def load_mhim_presets(path: str | Path = MHIM_PRESETS_PATH) -> dict[str, MHIMConfig]:
+def load_mhim_presets(path: PresetFile = MHIM_PRESETS_PATH) -> dict[str, MHIMConfig]:
     """All presets of an MHIM preset YAML file (``name: {field: value, ...}``), validated."""
-    return load_presets(MHIMConfig, path)
+    return MHIMConfig.presets(path)
 
 
 def cosine_schedule(start: float, end: float, progress: float) -> float:

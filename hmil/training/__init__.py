@@ -12,7 +12,6 @@
 did not learn; :mod:`~hmil.training.checkpoints` resumes and skips runs (last.pt);
 :mod:`~hmil.training.outputs` writes the final outputs (attention.h5 also for deployment);
 :mod:`~hmil.training.failures` records a failed run as its outputs;
-:mod:`~hmil.training.losses` holds HMIL's loss terms and curriculum,
-:mod:`~hmil.training.presets` the YAML presets of losses and MHIM, and
+:mod:`~hmil.training.losses` holds HMIL's loss terms, curriculum and loss presets, and
 :mod:`~hmil.training.selection_metrics` the classification metrics.
 """

@@ -1,13 +1,14 @@
-"""HMIL's loss terms, their schedules, and their weighted sum (docs/hmil-method.md, "Losses").
+"""HMIL's loss terms, their schedules, and their weighted sum (docs/method.md, "Losses").
 
 Each term is a small pure function on tensors. :class:`HMILLoss` combines them with the
 weights and schedules of a :class:`LossConfig`; the default is the method's total
 
     L = α(e)·L_ce^c + L_ce^f + L_ba + L_ia + (1 − α(e))·L_con,
 
-and every ablation of the paper is a preset in ``config/loss_presets.yaml``.
+and every ablation of the paper is a preset in ``hmil/presets/loss_presets.yaml``.
 
-Decisions where the method leaves a choice (documented defaults, each behind a switch):
+Decisions where the method leaves a choice (documented defaults, each behind a switch;
+docs/method.md, "Departures"):
 - L_ba uses the intended form NLL(log Mᵀ softmax(z_f), y_c); ``bag_alignment_form =
   "reference"`` gives the reference code's cross-entropy over the probabilities q.
 - L_con is *not* divided by the batch size B (standard SupCon, so its weight does not
@@ -19,19 +20,20 @@ Decisions where the method leaves a choice (documented defaults, each behind a s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from importlib import resources
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hmil.models.output import MILOutput, coarse_probs_from_fine
-from hmil.training.presets import dataclass_from_mapping, get_preset, load_presets
+from plumbing.presets import PresetFile, PresetSettings
 
-LOSS_PRESETS_PATH = Path(__file__).resolve().parents[2] / "config" / "loss_presets.yaml"
+#: The shipped presets (package data); users pass their own file as ``path``.
+LOSS_PRESETS_PATH = resources.files("hmil.presets") / "loss_presets.yaml"
 
 TERMS = (
     "coarse_ce",
@@ -196,7 +198,7 @@ Weight = float | str  # a constant, or the name of a WEIGHT_SCHEDULES entry
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(PresetSettings):
     """Weights and schedules of every loss term. Defaults are the method's total loss.
 
     A weight is a number (constant) or a schedule name: ``curriculum`` (α(e)) or
@@ -216,6 +218,9 @@ class LossConfig:
     base_temperature: float = 0.1
     bag_alignment_form: Literal["nll", "reference"] = "nll"
     contrastive_divide_by_batch: bool = False
+
+    PRESETS: ClassVar[PresetFile] = LOSS_PRESETS_PATH
+    KIND: ClassVar[str] = "loss"
 
     def __post_init__(self) -> None:
         for term in TERMS:
@@ -245,16 +250,6 @@ class LossConfig:
                 f"bag_alignment_form must be 'nll' or 'reference', got {self.bag_alignment_form!r}"
             )
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "loss config") -> LossConfig:
-        """Build from a mapping of field overrides; unknown keys are an error."""
-        return dataclass_from_mapping(cls, values, source)
-
-    @classmethod
-    def preset(cls, name: str, path: str | Path = LOSS_PRESETS_PATH) -> LossConfig:
-        """A named preset from ``config/loss_presets.yaml`` (fields not given: defaults)."""
-        return get_preset(cls, name, path, "loss")
-
     def is_enabled(self, term: str) -> bool:
         """False only for a constant weight of 0: such a term is never computed."""
         weight = getattr(self, term)
@@ -274,9 +269,9 @@ class LossConfig:
         return float(self.temperature)
 
 
-def load_loss_presets(path: str | Path = LOSS_PRESETS_PATH) -> dict[str, LossConfig]:
+def load_loss_presets(path: PresetFile = LOSS_PRESETS_PATH) -> dict[str, LossConfig]:
     """All presets of a loss-preset YAML file (``name: {field: value, ...}``), validated."""
-    return load_presets(LossConfig, path)
+    return LossConfig.presets(path)
 
 
 # ---- the total -------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def step_after_epoch(config: TrainConfig, scheduler, val_loss: dict[str, float])
     """An epoch's step of the per-epoch schedules."""
     if config.scheduler == "plateau":
         # Fine CE, not the total: HMIL's total grows by design as the contrastive weight
-        # rises, which would cut the lr every few epochs whatever the model learns.
+        # rises, which would cut the lr every few epochs whatever the model learns
+        # (docs/method.md, "Departures").
         scheduler.step(val_loss.get("fine_ce", val_loss["total"]))
     elif config.scheduler == "cosine":
         scheduler.step()

@@ -1,9 +1,11 @@
 """Patches to features: encoders, the patch reader, the runner and the features files.
 
-:mod:`~preprocessing.features.encoders` is the name → builder registry (truncated
-ResNet-50, any timm model, the pathology foundation models of
+:mod:`~preprocessing.features.encoders` builds encoders by name from the registry
+(:mod:`~preprocessing.features.encoder_registry`, a leaf that every entry module registers
+into: truncated ResNet-50, any timm model, the pathology foundation models of
 :mod:`~preprocessing.features.encoder_zoo`, the hand-crafted
-:mod:`~preprocessing.features.handcrafted`); :mod:`~preprocessing.features.patch_dataset`
+:mod:`~preprocessing.features.handcrafted`), loading checkpoints through
+:mod:`~preprocessing.features.encoder_checkpoints`; :mod:`~preprocessing.features.patch_dataset`
 reads patches from a slide for the GPU; :mod:`~preprocessing.features.runner` resolves the
 device and precision and runs batches through the encoder;
 :mod:`~preprocessing.features.features_files` writes and validates the features h5 and its

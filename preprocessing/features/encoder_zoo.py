@@ -1,4 +1,4 @@
-"""Pathology foundation models as registry entries (`preprocessing.features.encoders`).
+"""Pathology foundation models as registry entries (`preprocessing.features.encoder_registry`).
 
 Every number of an entry (architecture arguments, input size, µm/px, mean/std, pooling,
 output dimension, hub id) comes from the model's card or its published configuration; the
@@ -20,12 +20,11 @@ import torch
 from timm.layers import SwiGLUPacked
 from torch import nn
 
-from preprocessing.features.encoders import (
+from preprocessing.features.encoder_checkpoints import PublishedLayout, check_fits
+from preprocessing.features.encoder_registry import (
     RANDOM_WEIGHTS,
     EncoderError,
     EncoderSpec,
-    PublishedLayout,
-    check_fits,
     register,
 )
 

@@ -47,7 +47,7 @@ def random_regions(rng: np.random.Generator, w_um: float, h_um: float) -> tuple[
 
 
 def demo_hierarchy() -> dict:
-    """The hierarchy of `DEMO_CLASSES` in the YAML layout of `config/hierarchies/`."""
+    """The hierarchy of `DEMO_CLASSES` in the YAML layout of `hmil/presets/hierarchies/`."""
     return {
         "name": "demo",
         "coarse": list(dict.fromkeys(coarse for coarse, _ in DEMO_CLASSES.values())),

@@ -2,33 +2,25 @@ import os
 import re
 import shlex
 import sys
-from pathlib import Path
 
 import yaml
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-PROJECT_ROOT = Path(workflow.basedir).parent
-# Rules call `python -m preprocessing.<module>`; make the project importable in every
-# job, including per-rule conda envs where it is not pip-installed.
-os.environ.update(
-    PYTHONPATH=os.pathsep.join(
-        p for p in (str(PROJECT_ROOT), os.getenv("PYTHONPATH")) if p
-    )
-)
-sys.path.insert(0, str(PROJECT_ROOT))
-
-from hmil.data.published_splits import (  # noqa: E402
-    PublishedSplitError,
-    published_split_files,
-)
-from plumbing.errors import SheetError  # noqa: E402
-from preprocessing.features.import_sources import (  # noqa: E402
-    FeatureImportError,
-    locate_cohort,
-)
-from preprocessing.slides.sheet import read_slide_sheet  # noqa: E402
+# This file reads the sheets, and the rules run `python -m preprocessing.<module>` and
+# `python -m hmil.<module>`, with the installed package: the environment that runs
+# Snakemake has it (pyproject.toml lists Snakemake among its dependencies).
+try:
+    from hmil.data.published_splits import PublishedSplitError, published_split_files
+    from plumbing.errors import SheetError
+    from preprocessing.features.import_sources import FeatureImportError, locate_cohort
+    from preprocessing.slides.sheet import read_slide_sheet
+except ImportError as err:
+    raise WorkflowError(
+        f"the pipeline is not installed in this environment ({err}); install it where "
+        "Snakemake runs: pip install -c constraints.txt -e . (in the checkout)"
+    ) from None
 
 
 def check_model_names(models, schema_path):

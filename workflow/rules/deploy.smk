@@ -1,6 +1,6 @@
 # Deployment: the trained fold models of every encoder x model applied to the cohorts of
 # `deploy:`. Their slides are patched and encoded by the training cohort's rules and
-# parameters (the same rules, under deploy/{cohort}/); hmil.predict then checks the
+# parameters (the same rules, under deploy/{cohort}/); hmil.deploy then checks the
 # features against what training recorded in model.pt. Nothing here trains.
 
 
@@ -70,7 +70,7 @@ rule deploy:
         seed=EVALUATION["seed"],
         strict="--strict" if config["strict"] else "",
     shell:
-        "python -m hmil.predict {params.runs} --slides {input.sheet:q}"
+        "python -m hmil.deploy {params.runs} --slides {input.sheet:q}"
         " --features {params.features:q} --out {params.out:q} --cohort {wildcards.cohort}"
         " --bootstrap {params.bootstrap} --seed {params.seed} {params.strict} > {log:q} 2>&1"
 

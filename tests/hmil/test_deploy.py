@@ -1,4 +1,4 @@
-"""Deployment (`python -m hmil.predict`): the fold models' ensemble on another sheet.
+"""Deployment (`python -m hmil.deploy`): the fold models' ensemble on another sheet.
 
 Two fold models of a small generated cohort are trained once; every test deploys them
 and checks the outputs against numbers recomputed here (the models run by hand,
@@ -6,7 +6,11 @@ scikit-learn's AUC), and bad input against one error line.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -17,11 +21,13 @@ from sklearn.metrics import roc_auc_score
 
 from hmil.data.hierarchy import Hierarchy
 from hmil.data.synthetic import SyntheticConfig
-from hmil.predict import main
+from hmil.deploy import main
+from hmil.predict import DEPRECATION
 from hmil.train import main as train_main
 from plumbing.cli import run_cli
 from tests.hmil.train_cli import write_fold_cohort
 
+ROOT = Path(__file__).resolve().parents[2]
 COHORT = SyntheticConfig(
     bags_per_class=8, feature_dim=16, min_instances=20, max_instances=40,
     min_key_fraction=0.2, max_key_fraction=0.3, signal=6.0, fine_offset=3.0, seed=4,
@@ -235,3 +241,24 @@ def test_slide_without_features_is_recorded_and_the_rest_go_on(trained, tmp_path
     assert deploy(trained, tmp_path / "none", features=empty) == 1
     line = error_line(capsys)
     assert str(empty) in line and "none of the" in line
+
+
+def test_old_command_name_runs_deploy_with_one_deprecation_note(trained, tmp_path):
+    """`python -m hmil.predict` stays for one release: the same predictions, a note on stderr."""
+    assert deploy(trained, tmp_path / "new", "--bootstrap", "0") == 0
+    args = [
+        *map(str, trained["runs"]["hmil"]), "--slides", str(trained["sheet"]),
+        "--features", str(trained["root"] / "features"), "--out", str(tmp_path / "old"),
+        "--bootstrap", "0",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hmil.predict", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if "deprecated" in line]
+    assert notes == [DEPRECATION]
+    assert "python -m hmil.deploy" in DEPRECATION
+    old = pd.read_csv(tmp_path / "old" / "predictions.csv")
+    pd.testing.assert_frame_equal(old, pd.read_csv(tmp_path / "new" / "predictions.csv"))
