@@ -51,7 +51,7 @@ def runs(learning_check, workdir):
     torch.set_num_threads(1)
     try:
         result = learning_check.run_grid(
-            [learning_check.CELLS["small_d64"]], ["hmil", "abmil"], [SEED], 3,
+            [learning_check.CELLS["small_d64"]], ["hmil", "abmil", "hmil_mb"], [SEED], 3,
             workdir, folds_to_run=1, progress=False,
         )  # fmt: skip
     finally:
@@ -75,6 +75,19 @@ def test_both_models_learn_at_the_defaults(runs):
     assert runs.loc["hmil", "fine_auc"] > 0.7, runs.loc["hmil"]
     assert (runs["coarse_from_fine_auc"] > 0.8).all(), runs["coarse_from_fine_auc"]
     assert not runs["warned"].any()  # neither stopped at its initialisation
+
+
+def test_hmil_mb_learns_at_the_defaults_and_its_class_rows_find_the_key_instances(runs):
+    # HMIL with a scorer per class row (README "Learning check": 0.99 here, ABMIL 0.88)
+    assert runs.loc["hmil_mb", "fine_auc"] > 0.9, runs.loc["hmil_mb"]
+    assert runs.loc["hmil_mb", "coarse_from_fine_auc"] > 0.9
+    # the true class's row puts several times the chance mass (2–10 %) on the key
+    # instances, and more than the other rows do
+    row = runs.loc["hmil_mb"]
+    assert row["fine_key_attention"] > 0.2
+    assert row["fine_key_attention"] > 1.5 * row["other_rows_key_attention"]
+    assert {"fine_balanced_accuracy", "fine_macro_f1"} <= set(runs.columns)
+    assert 0 <= row["fine_macro_f1"] <= 1 and row["fine_balanced_accuracy"] > 1 / 7
 
 
 def test_no_lr_falls_below_one_percent_of_its_peak_before_half_the_run(runs):
@@ -125,3 +138,39 @@ def test_runs_in_parallel_processes_give_the_rows_of_one_process(learning_check,
         sys.path.remove(str(ROOT / "benchmarks"))
     assert list(grids[1]["model"]) == ["hmil", "abmil"]  # in grid order, not finishing order
     pd.testing.assert_frame_equal(grids[0], grids[1])
+
+
+def test_variants_become_training_flags(learning_check):
+    assert learning_check.variant_flags("slide_norm=center,balanced_sampling=true") == [
+        "--slide-norm", "center", "--balanced-sampling", "true",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="expected training keys"):
+        learning_check.variant_flags("nonsense=1")
+
+
+def test_runs_of_an_earlier_grid_are_reused_not_retrained(learning_check, tmp_path):
+    tiny = replace(learning_check.SMALL_D64, name="tiny", slides=105, feature_dim=16,
+                   min_instances=20, max_instances=40)  # fmt: skip
+    flags = [*learning_check.training_flags(), "--epochs", "2"]
+    first = learning_check.run_grid(
+        [tiny], ["abmil"], [SEED], 3, tmp_path / "first", flags=flags, folds_to_run=1,
+        progress=False,
+    )  # fmt: skip
+    earlier = first.to_dict(orient="records")
+    # the reused row comes back as it was (its seconds too: nothing was trained) ...
+    again = learning_check.run_grid(
+        [tiny], ["abmil", "abmil+slide_norm=center"], [SEED], 3, tmp_path / "again",
+        flags=flags, folds_to_run=1, progress=False, reuse=earlier,
+    )  # fmt: skip
+    assert list(again["model"]) == ["abmil", "abmil+slide_norm=center"]
+    pd.testing.assert_series_equal(again.iloc[0], first.iloc[0], check_names=False)
+    assert not (tmp_path / "again" / "tiny" / f"seed{SEED}" / "abmil_fold0").exists()
+    assert (tmp_path / "again" / "tiny" / f"seed{SEED}" / "abmil_slide_norm-center_fold0").is_dir()
+    # ... and a report trains nothing: the rows it has, in grid order
+    report = learning_check.run_grid(
+        [tiny], ["abmil+slide_norm=center", "abmil"], [SEED], 3, tmp_path / "report",
+        flags=flags, folds_to_run=1, progress=False, reuse=earlier, train=False,
+    )  # fmt: skip
+    assert list(report["model"]) == ["abmil"]
+    assert not (tmp_path / "report").exists()
+    assert "abmil+slide_norm=center − abmil" in learning_check.format_grid(again)
