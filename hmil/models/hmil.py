@@ -116,7 +116,8 @@ class HMILMB(HMIL):
     instance embedding must rank each class's key instances above the background; within
     the default protocol's 50 epochs it does not (true-row attention on key instances at
     chance, README "Learning check"), and HMIL trails ABMIL. A scorer per row lets each
-    class's attention row and readout specialise (docs: hmil-method.md, "Variants").
+    class's attention row and readout specialise.
+    See docs/method.md, "Variant: a scorer per class row".
     """
 
     def __init__(self, in_dim: int, num_fine: int, num_coarse: int, **kwargs) -> None:
