@@ -22,7 +22,7 @@ from tests.workflow.configs import write_workflow_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENCODER = "timm:resnet10t"
-MODELS = ["hmil", "abmil"]
+MODELS = ["hmil_mb", "hmil", "abmil"]
 FOLDS = 2
 
 pytestmark = pytest.mark.workflow
