@@ -122,8 +122,9 @@ PANDA_LIKE = replace(
     SMALL_D64, name="panda_like", slides=303, hierarchy="panda",
     class_counts=(81, 78, 39, 36, 36, 33), slides_per_patient=1,
 )  # fmt: skip
-# The small grid is what a 2-core CPU trains in a working session with --jobs 2 (README
-# "Learning check" gives the seeds and the minutes); --full adds the other axes.
+# The small grid is what a 2-core CPU trains in a working session with --jobs 2
+# (benchmarks/README.md "Learning check" gives the seeds and the minutes); --full adds the
+# other axes.
 SMALL_GRID = (SMALL_D64, MIDDLE, SHIFT_HALF, SHIFT_EQUAL, BRACS_LIKE, PANDA_LIKE)
 FULL_GRID = (
     *SMALL_GRID,

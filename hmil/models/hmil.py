@@ -115,8 +115,8 @@ class HMILMB(HMIL):
     Why: HMIL's shared scorer gives one score direction for every class's slot, so one
     instance embedding must rank each class's key instances above the background; within
     the default protocol's 50 epochs it does not (true-row attention on key instances at
-    chance, README "Learning check"), and HMIL trails ABMIL. A scorer per row lets each
-    class's attention row and readout specialise.
+    chance, benchmarks/README.md "Learning check"), and HMIL trails ABMIL. A scorer per row
+    lets each class's attention row and readout specialise.
     See docs/method.md, "Variant: a scorer per class row".
     """
 

@@ -62,8 +62,8 @@ class SlideNorm(nn.Module):
     as the class signal. Centring removes it, but it also removes what the class adds to
     the slide's centre (the median moves with the mean when the class shifts each feature
     by less than the noise), and that is the signal uniform attention sees early in
-    training: centring costs fine AUC on cohorts without an offset (README "Learning
-    check"). A learned centring strength per feature (from 0) was tried: it stayed near 0
+    training: centring costs fine AUC on cohorts without an offset (benchmarks/README.md
+    "Learning check"). A learned centring strength per feature (from 0) was tried: it stayed near 0
     on shifted cohorts, where centring helps, so it is not offered.
     """
 

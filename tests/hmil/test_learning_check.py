@@ -78,7 +78,8 @@ def test_both_models_learn_at_the_defaults(runs):
 
 
 def test_hmil_mb_learns_at_the_defaults_and_its_class_rows_find_the_key_instances(runs):
-    # HMIL with a scorer per class row (README "Learning check": 0.99 here, ABMIL 0.88)
+    # HMIL with a scorer per class row (benchmarks/README.md "Learning check": 0.99 here,
+    # ABMIL 0.88)
     assert runs.loc["hmil_mb", "fine_auc"] > 0.9, runs.loc["hmil_mb"]
     assert runs.loc["hmil_mb", "coarse_from_fine_auc"] > 0.9
     # the true class's row puts several times the chance mass (2–10 %) on the key

@@ -145,7 +145,7 @@ def test_killed_during_extraction_recovers_with_unlock_and_rerun_incomplete(tmp_
     assert re.search(r"--unlock|--rerun-incomplete", output_of(refused)), output_of(refused)
     assert "--unlock" in output_of(run_in(tmp_path, config, "--rerun-incomplete", *until))
 
-    # The recovery the README documents.
+    # The recovery docs/cluster.md documents ("After a crash").
     unlocked = run_in(tmp_path, config, "--unlock")
     assert unlocked.returncode == 0, output_of(unlocked)[-2000:]
     done = run_in(tmp_path, config, "--rerun-incomplete", *until)

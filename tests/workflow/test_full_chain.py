@@ -147,8 +147,9 @@ def planned_jobs(plan) -> dict[str, int]:
 
 
 def test_readme_rerun_examples_schedule_what_they_say(chain, run_snakemake):
-    """The README's cluster section: features only for a new encoder (--until), retraining
-    one model (--forcerun train --until its summary), re-extracting one encoder's files."""
+    """docs/cluster.md, "Re-running part of the workflow": features only for a new encoder
+    (--until), retraining one model (--forcerun train --until its summary), re-extracting one
+    encoder's files."""
     results, n_slides = chain["results"], len(chain["sheet"])
     config = yaml.safe_load(chain["config"].read_text())
     config["encoders"] = [ENCODER, "timm:resnet18"]

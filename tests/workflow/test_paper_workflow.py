@@ -1,4 +1,4 @@
-"""README "Reproduce the paper", run as printed: the config block of that section, with its
+"""docs/paper.md "Reproduce the paper", run as printed: the config block of that section, with its
 paths pointed at a generated cohort and the training shortened (2 epochs of 4 bags instead
 of 200 of 64), on features in the HMIL layout (`<slide_id>.pt`) and split pickles of the
 published shape (10 splits, 80/10/10 of the slides).
@@ -29,11 +29,11 @@ SHORTER = {"epochs": 2, "batch_bags": 4, "device": "cpu", "gpus": 0}
 
 
 def readme_paper_config() -> dict:
-    """The YAML block of the README's "Reproduce the paper" section."""
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    section = readme.split("## Reproduce the paper\n", 1)[1].split("\n## ", 1)[0]
+    """The YAML block of docs/paper.md's "Reproduce the paper" section (the README links it)."""
+    readme = (PROJECT_ROOT / "docs" / "paper.md").read_text()
+    section = readme.split("# Reproduce the paper\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
-    assert block, "README: no yaml block under 'Reproduce the paper'"
+    assert block, "docs/paper.md: no yaml block under 'Reproduce the paper'"
     return yaml.safe_load(block.group(1))
 
 
