@@ -13,6 +13,7 @@ from snakemake.utils import validate
 # Snakemake has it (pyproject.toml lists Snakemake among its dependencies).
 try:
     from hmil.data.published_splits import PublishedSplitError, published_split_files
+    from hmil.training.settings import setting_flags
     from plumbing.errors import SheetError
     from preprocessing.features.import_sources import FeatureImportError, locate_cohort
     from preprocessing.slides.sheet import read_slide_sheet
@@ -258,22 +259,10 @@ def split_arguments(wildcards):
     return " ".join(args)
 
 
-# Training settings passed as hmil.train flags when set; one left out takes the protocol's
-# value (benchmarks/learning_check.py reads the config the same way).
-PROTOCOL_FLAGS = (
-    "epochs", "batch_bags", "lr", "optimizer", "weight_decay", "scheduler", "warmup_epochs",
-    "lr_floor", "patience", "min_epochs", "dropout", "instance_dropout", "balanced_sampling",
-    "slide_norm",
-)  # fmt: skip
-
-
 def training_arguments(wildcards, input):
-    args = [f"--protocol {TRAINING['protocol']}"]
-    args += [
-        f"--{key.replace('_', '-')} {TRAINING[key]}"
-        for key in PROTOCOL_FLAGS
-        if TRAINING.get(key) is not None
-    ]
+    # --protocol, and each training setting the config gives (hmil/training/settings.py);
+    # one left out takes the protocol's value. benchmarks/learning_check.py does the same.
+    args = [" ".join(setting_flags(TRAINING))]
     args += [
         f"--seed {TRAINING['seed']}",
         f"--device {TRAINING['device']}",
