@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     params = extract_params(args, device)
     runner = LazyRunner(device, params)
     if args.sheet is None:
-        print(encode_slide(jobs[0], spec, record, params, runner, args.no_progress))
+        print(encode_slide(jobs[0], spec, record, params, runner, args.no_progress).words())
         return 0
     options = CohortOptions(
         args.sheet, args.out_dir, args.strict, args.record_failed, args.failed_list

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         mpp=args.mpp,
         record_failure=args.on_error == "record",
     )
-    print(patch_job(job, params))
+    print(patch_job(job, params).words())
     return 0
 
 
