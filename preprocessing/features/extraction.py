@@ -27,11 +27,8 @@ from preprocessing.features.encoders import (
 from preprocessing.features.features_files import validate_features, write_features
 from preprocessing.features.patch_dataset import PatchDataset, ReadGeometry, read_geometry
 from preprocessing.features.runner import EncoderRunner, Extraction, extract_features
-from preprocessing.features.unreadable import (
-    DEFAULT_MAX_UNREADABLE_FRACTION,
-    stale_verdict,
-    unreadable_verdict,
-)
+from preprocessing.features.settings import DEFAULT_MAX_UNREADABLE_FRACTION
+from preprocessing.features.unreadable import stale_verdict, unreadable_verdict
 from preprocessing.slides.access import open_slide
 from preprocessing.slides.patch_files import STATUS_FAILED, STATUS_OK, Patches, read_patches
 

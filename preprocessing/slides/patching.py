@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from preprocessing.slides.access import (
     resolve_mpp,
 )
 from preprocessing.slides.grid import PatchGrid, patch_grid
+from preprocessing.slides.params import PatchParams
 from preprocessing.slides.patch_files import (
     STATUS_EMPTY,
     STATUS_FAILED,
@@ -34,21 +35,11 @@ from preprocessing.slides.patch_files import (
 )
 from preprocessing.slides.qc import qc_mpp, render_failure, render_qc, write_png
 from preprocessing.slides.tissue import (
-    TissueParams,
     TissueSegmentation,
     polygons_to_geojson,
     scale_polygons,
     segment_tissue,
 )
-
-
-@dataclass(frozen=True)
-class PatchParams:
-    target_mpp: float = 0.5
-    patch_size: int = 256
-    min_tissue: float = 0.25
-    overlap: float = 0.0
-    tissue: TissueParams = field(default_factory=TissueParams)
 
 
 @dataclass
