@@ -50,18 +50,16 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from hmil.data.hierarchy import Hierarchy, load_hierarchy
 from hmil.data.synthetic import SyntheticConfig, generate_cohort, write_cohort
 from hmil.train import main as train_main
+from hmil.training.settings import SETTING_NAMES, flag, setting_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "config.yaml"
 HIERARCHY = "bracs"  # of the cells that name no other
 
-#: training-section keys that become hmil.train flags (as workflow/rules/common.smk
-#: training_arguments passes them); the others (threads, device, ...) place the job.
-TRAINING_FLAGS = (
-    "protocol", "epochs", "batch_bags", "lr", "optimizer", "weight_decay", "scheduler",
-    "warmup_epochs", "lr_floor", "patience", "min_epochs", "dropout", "instance_dropout",
-    "balanced_sampling", "slide_norm",
-)  # fmt: skip
+#: training-section keys that become hmil.train flags (hmil/training/settings.py; the
+#: workflow's training_arguments passes them the same way); the others (threads, device,
+#: ...) place the job.
+TRAINING_FLAGS = ("protocol", *SETTING_NAMES)
 
 
 @dataclass(frozen=True)
@@ -152,11 +150,7 @@ PAIRS = (("hmil_mb", "abmil"), ("hmil_mb", "hmil_mb:flat"), ("hmil_mb", "clam_mb
 def training_flags(config_path: Path = CONFIG) -> list[str]:
     """hmil.train flags of the config's training section, as the workflow passes them."""
     training = (yaml.safe_load(Path(config_path).read_text()) or {}).get("training") or {}
-    flags = []
-    for key in TRAINING_FLAGS:
-        if training.get(key) is not None:
-            flags += [f"--{key.replace('_', '-')}", str(training[key])]
-    return flags
+    return setting_flags(training)
 
 
 def fold_splits(table: pd.DataFrame, folds: int, val_every: int = 5) -> pd.DataFrame:
@@ -268,7 +262,7 @@ def variant_flags(variant: str) -> list[str]:
         key, _, value = item.partition("=")
         if key not in TRAINING_FLAGS or not value:
             raise ValueError(f"variant {variant!r}: expected training keys as key=value")
-        flags += [f"--{key.replace('_', '-')}", value]
+        flags += [flag(key), value]
     return flags
 
 

@@ -11,7 +11,7 @@ complete and were made with the same settings is not retrained. ``--stop-after N
 this invocation after N epochs, leaving last.pt (for time-limited jobs and tests).
 
 ``--protocol`` picks the training settings that a flag does not give
-(:data:`~hmil.training.config.PROTOCOLS`): ``default``, chosen on the benchmark grid
+(:class:`~hmil.training.settings.TrainingSettings`): ``default``, chosen on the benchmark grid
 (benchmarks/learning_check.py), learns on cohorts of 100–1,000 slides; ``paper`` is the HMIL
 paper's code (Adam 1e-4, 64 bags per step, ReduceLROnPlateau without a floor, no
 regularisation), whose lr collapses within a few dozen epochs on such cohorts
@@ -25,19 +25,11 @@ import argparse
 from hmil.data.bags import BagError
 from hmil.data.hierarchy import HierarchyError
 from hmil.models import list_models
-from hmil.training.config import (
-    ON_ERROR,
-    OPTIMIZERS,
-    PROTOCOLS,
-    SCHEDULERS,
-    SLIDE_NORMS,
-    RunOptions,
-    TrainingError,
-    TrainSettings,
-)
+from hmil.training.config import DEVICES, ON_ERROR, RunOptions, TrainingError, TrainSettings
 from hmil.training.failures import record_failure
 from hmil.training.fit import fit_fold
-from plumbing.cli import run_cli, setup_logging
+from hmil.training.settings import add_setting_options
+from plumbing.cli import config_from_args, run_cli, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,32 +53,13 @@ def parse_args(argv: list[str] | None) -> tuple[TrainSettings, RunOptions, bool]
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return settings_of(args), run_options_of(args), args.verbose
+        return (
+            config_from_args(TrainSettings, args),
+            config_from_args(RunOptions, args),
+            (args.verbose),
+        )
     except TrainingError as error:
         parser.error(str(error))
-
-
-def settings_of(args: argparse.Namespace) -> TrainSettings:
-    return TrainSettings.for_protocol(
-        args.protocol,
-        model=args.model, fold=args.fold, seed=args.seed, epochs=args.epochs,
-        batch_bags=args.batch_bags, lr=args.lr, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, scheduler=args.scheduler,
-        warmup_epochs=args.warmup_epochs, lr_floor=args.lr_floor, patience=args.patience,
-        min_epochs=args.min_epochs, dropout=args.dropout,
-        instance_dropout=args.instance_dropout, balanced_sampling=args.balanced_sampling,
-        slide_norm=args.slide_norm, loss_preset=args.loss_preset,
-        teacher=args.teacher, mhim_preset=args.mhim_preset,
-    )  # fmt: skip
-
-
-def run_options_of(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(
-        features=args.features, splits=args.splits, hierarchy=args.hierarchy, out=args.out,
-        device=args.device, num_workers=args.num_workers, cache=args.cache,
-        strict=args.strict, restart_if_changed=args.restart_if_changed,
-        on_error=args.on_error, stop_after=args.stop_after,
-    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # the order of the options is the order --help lists them in
     add_input_options(parser)
-    add_optimisation_options(parser)
-    add_schedule_options(parser)
+    add_setting_options(parser)  # --protocol and the training settings it gives
     add_model_options(parser)
     add_run_options(parser)
     return parser
@@ -110,76 +82,14 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=f"one of: {', '.join(list_models())}")
     parser.add_argument("--hierarchy", required=True, help="hierarchy YAML or preset name")
     parser.add_argument("--out", required=True, help="output directory of this fold")
-
-
-def add_optimisation_options(parser: argparse.ArgumentParser) -> None:
-    """The protocol, and the options of each optimiser step (an unset one takes the
-    protocol's value)."""
-    parser.add_argument(
-        "--protocol",
-        choices=tuple(PROTOCOLS),
-        default="default",
-        help="the settings of the options below that are not given (default: default)",
-    )
-    parser.add_argument("--epochs", type=int, help="E, also the length of HMIL's schedules")
     parser.add_argument(
         "--seed", type=int, default=0, help="seeds every random generator (recorded)"
     )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cpu", help="torch device to train on"
-    )
-    parser.add_argument(
-        "--batch-bags", type=int, help="bags per optimiser step (a number of bags, not scaled)"
-    )
-    parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the protocol's")
-    parser.add_argument("--weight-decay", type=float, help="adamw: decoupled; adam: L2")
-
-
-def add_schedule_options(parser: argparse.ArgumentParser) -> None:
-    """The lr schedule and early stopping."""
-    parser.add_argument(
-        "--scheduler",
-        choices=SCHEDULERS,
-        help="warmup_cosine: per optimiser step, linear warm-up then cosine to the floor; "
-        "cosine: per epoch to the floor; plateau: ÷10 after 5 epochs without a lower val "
-        "fine CE, not below the floor",
-    )
-    parser.add_argument("--warmup-epochs", type=float, help="warmup_cosine: warm-up length")
-    parser.add_argument(
-        "--lr-floor", type=float, help="the lr never falls below this fraction of --lr"
-    )
-    parser.add_argument(
-        "--patience", type=int, help="early stopping: epochs without a better val fine AUC"
-    )
-    parser.add_argument(
-        "--min-epochs",
-        help="early stopping cannot end the run before this many epochs; auto: E/2, and "
-        "E/√2 for losses with schedules (HMIL's curriculum)",
-    )
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="torch device to train on")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Regularisation, the loss, and the MHIM models' teacher and preset."""
-    parser.add_argument("--dropout", type=float, help="models' dropout (0: off)")
-    parser.add_argument(
-        "--instance-dropout",
-        type=float,
-        help="fraction of each training bag's instances dropped at random, every step",
-    )
-    parser.add_argument(
-        "--balanced-sampling",
-        metavar="{true,false}",
-        help="draw training bags with replacement, every fine class equally often (CLAM's "
-        "--weighted_sample); an epoch still has as many bags as the training set",
-    )
-    parser.add_argument(
-        "--slide-norm",
-        choices=SLIDE_NORMS,
-        help="per-slide normalisation of the features inside the model (a slide-level "
-        "offset from stain, scanner or site): center subtracts the slide's mean instance, "
-        "standardize also divides by its per-feature SD; recorded in model.pt",
-    )
+    """The loss, and the MHIM models' teacher and preset."""
     parser.add_argument(
         "--loss-preset",
         default=None,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from plumbing.errors import PipelineError
+from plumbing.settings import BadValue, flag_of, non_negative, option_fields
 
 log = logging.getLogger("hmil")
 
@@ -27,15 +29,50 @@ def config_from_args(config_type: type[Config], args: argparse.Namespace, **valu
     return config_type(**{name: getattr(args, name) for name in names}, **values)
 
 
-def non_negative_int(value: str) -> int:
-    """argparse type of a count that may be 0 (e.g. bootstrap resamples: 0 means none)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {number}")
-    return number
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its :class:`~plumbing.settings.BadValue` message
+    becomes the usage error; another ValueError gives argparse's own ("invalid <name>
+    value")."""
+
+    @functools.wraps(parse)
+    def parse_option(text: str) -> Any:
+        try:
+            return parse(text)
+        except BadValue as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse_option
+
+
+#: argparse type of a count that may be 0 (e.g. bootstrap resamples: 0 means none).
+non_negative_int = argparse_type(non_negative)
+
+
+def add_options(parser: Any, settings: type) -> None:
+    """An option per option field of the dataclass ``settings`` (:mod:`plumbing.settings`),
+    its default the field's; parsed under the field's name."""
+    for spec in option_fields(settings):
+        meta = spec.metadata
+        kwargs: dict[str, Any] = {"help": meta["help"]}
+        if spec.default is not dataclasses.MISSING:
+            kwargs["default"] = spec.default
+        if meta["parse"] in (int, float):
+            kwargs["type"] = meta["parse"]
+        elif meta["parse"] is not None:
+            kwargs["type"] = argparse_type(meta["parse"])
+        if meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]
+        flag = flag_of(spec)
+        if flag != "--" + spec.name.replace("_", "-"):
+            kwargs["dest"] = spec.name
+            if meta["choices"] is None:
+                kwargs["metavar"] = flag.removeprefix("--").replace("-", "_").upper()
+        parser.add_argument(flag, **kwargs)
+
+
+def option_values(settings: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed value of each option field of ``settings``, by field name."""
+    return {spec.name: getattr(args, spec.name) for spec in option_fields(settings)}
 
 
 def setup_logging(verbose: bool = False) -> None:

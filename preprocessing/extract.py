@@ -18,27 +18,13 @@ from pathlib import Path
 
 import torch
 
-from plumbing.cli import non_negative_int, run_cli, setup_logging
+from plumbing.cli import add_options, run_cli, setup_logging
 from preprocessing.features.cohort import CohortOptions, check_outputs, encode_cohort, sheet_jobs
 from preprocessing.features.encoders import get_encoder_spec, weights_record
 from preprocessing.features.extraction import ExtractParams, LazyRunner, SlideJob, encode_slide
-from preprocessing.features.features_files import DTYPES, default_pt_path
+from preprocessing.features.features_files import default_pt_path
 from preprocessing.features.runner import default_workers, resolve_device, resolve_precision
-from preprocessing.features.unreadable import DEFAULT_MAX_UNREADABLE_FRACTION
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return number
-
-
-def _fraction(value: str) -> float:
-    number = float(value)
-    if not 0 <= number <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {value}")
-    return number
+from preprocessing.features.settings import ExtractSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,38 +80,7 @@ def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", help="checkpoint file, or 'random' (tests only); default: download"
     )
-    parser.add_argument(
-        "--batch-size", type=_positive_int, default=64, help="patches per forward pass"
-    )
-    parser.add_argument(
-        "--workers",
-        type=non_negative_int,
-        help="reader processes (default: 1 on CPU; on GPU all CPUs but one, up to 16)",
-    )
-    parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto",
-        help="auto: CUDA when present; cuda is an error where there is none",
-    )  # fmt: skip
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        default="auto",
-        help="auto: bf16 autocast on CUDA, fp32 on CPU",
-    )
-    parser.add_argument("--dtype", choices=DTYPES, help="stored feature type (default float32)")
-    parser.add_argument(
-        "--on-bad-patch",
-        choices=("fail", "skip"),
-        default="fail",
-        help="unreadable tile: fail (default) or leave the patch out and record it",
-    )
-    parser.add_argument(
-        "--max-unreadable-fraction",
-        type=_fraction,
-        default=DEFAULT_MAX_UNREADABLE_FRACTION,
-        help="with --on-bad-patch skip: a slide with more of its patches unreadable is "
-        f"recorded as failed (default {DEFAULT_MAX_UNREADABLE_FRACTION})",
-    )
+    add_options(parser, ExtractSettings)
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
 
 
@@ -181,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     params = extract_params(args, device)
     runner = LazyRunner(device, params)
     if args.sheet is None:
-        print(encode_slide(jobs[0], spec, record, params, runner, args.no_progress))
+        print(encode_slide(jobs[0], spec, record, params, runner, args.no_progress).words())
         return 0
     options = CohortOptions(
         args.sheet, args.out_dir, args.strict, args.record_failed, args.failed_list

@@ -1,7 +1,9 @@
 """Fitting one fold; ``python -m hmil.train`` is the edge that builds the settings.
 
-:mod:`~hmil.training.config` types and checks the settings (:class:`TrainSettings` asked,
-:class:`RunOptions` paths and run options, :class:`TrainConfig` recorded);
+:mod:`~hmil.training.settings` declares each training setting once (type, each protocol's
+value, bounds, help; torch-free, the workflow reads it), and :mod:`~hmil.training.config`
+builds on it (:class:`TrainSettings` asked, :class:`RunOptions` paths and run options,
+:class:`TrainConfig` recorded);
 :mod:`~hmil.training.fit` runs the steps of a fold (``fit_fold``) and its epochs;
 :mod:`~hmil.training.cohort` gives the fold's slides and bags;
 :mod:`~hmil.training.model_setup` builds the model, its loss settings and an MHIM teacher;

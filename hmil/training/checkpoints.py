@@ -19,6 +19,7 @@ import torch
 from hmil.data.bags import BagDataset
 from hmil.training.config import TrainConfig, TrainingError
 from hmil.training.outputs import FINAL_OUTPUTS
+from hmil.training.selection import TrainingState
 from plumbing.atomic import atomic_outputs, buffered
 from plumbing.checkpoint_files import checkpoint_problem
 
@@ -41,19 +42,6 @@ def load_last_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def new_state() -> dict[str, Any]:
-    """The training state of a run before its first epoch (a plain dict: last.pt holds it)."""
-    return {
-        "epoch": 0,  # epochs completed
-        "history": [],
-        "best_score": None,
-        "best_epoch": None,
-        "best_state": None,
-        "epochs_without_improvement": 0,
-        "stopped_early": False,
-    }
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     """last.pt of a run: resumed only by a run of the same config on the same inputs
@@ -63,20 +51,20 @@ class Checkpoint:
     config: TrainConfig
     inputs: str
 
-    def resume_or_start(self, model, optimizer, scheduler) -> dict[str, Any]:
+    def resume_or_start(self, model, optimizer, scheduler) -> TrainingState:
         """The state to train on from: last.pt's, loaded into model, optimizer and scheduler,
         or a new one when there is no last.pt or it was made from other inputs."""
         if not self.path.is_file():
-            return new_state()
+            return TrainingState()
         resumed = self.resume(model, optimizer, scheduler)
         if resumed is None:
             log.warning("%s: the features or splits changed since; starting afresh", self.path)
             self.path.unlink()
-            return new_state()
-        log.info("resuming %s after epoch %d", self.path, resumed["epoch"] - 1)
+            return TrainingState()
+        log.info("resuming %s after epoch %d", self.path, resumed.epoch - 1)
         return resumed
 
-    def resume(self, model, optimizer, scheduler) -> dict[str, Any] | None:
+    def resume(self, model, optimizer, scheduler) -> TrainingState | None:
         """The training state of the checkpoint, loaded into model, optimizer and scheduler;
         None when it was made from other inputs (then nothing is loaded)."""
         try:
@@ -91,13 +79,20 @@ class Checkpoint:
             )
         if checkpoint.get("inputs") != self.inputs:
             return None
+        try:
+            state = TrainingState.of_saved(checkpoint.get("state"))
+        except ValueError as error:
+            raise TrainingError(
+                f"{self.path}: not a checkpoint this version resumes ({error}); delete it to "
+                "start over"
+            ) from None
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         restore_rng_states(checkpoint["rng"])
-        return checkpoint["state"]
+        return state
 
-    def save(self, model, optimizer, scheduler, state: dict[str, Any]) -> None:
+    def save(self, model, optimizer, scheduler, state: TrainingState) -> None:
         """last.pt and log.csv (the epochs so far), renamed into place together."""
         log_path = self.path.with_name("log.csv")
         with (
@@ -112,11 +107,11 @@ class Checkpoint:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": rng_states(),
-                    "state": state,
+                    "state": state.as_saved(),
                 },
                 buffer,
             )
-            pd.DataFrame(state["history"]).to_csv(log_tmp, index=False)
+            pd.DataFrame(state.history).to_csv(log_tmp, index=False)
 
 
 def input_fingerprint(splits: str | Path, datasets: dict[str, BagDataset]) -> str:

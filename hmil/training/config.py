@@ -17,101 +17,31 @@ from typing import Any
 import pandas as pd
 
 from hmil.data.hierarchy import Hierarchy, hierarchy_as_dict
-from hmil.models.layers import SLIDE_NORMS
 from hmil.training.losses import TERMS, LossConfig
-from plumbing.errors import PipelineError
+from hmil.training.settings import (
+    PROTOCOLS,
+    TrainingError,
+    TrainingSettings,
+    flag,
+    recorded,
+)
+
+__all__ = ["PROTOCOLS", "RunOptions", "TrainConfig", "TrainSettings", "TrainingError"]
 
 
-class TrainingError(PipelineError):
-    """Bad training input (splits table, fold, model name, features); one-line message."""
-
-
-#: Settings of each ``--protocol``; a flag given on the command line wins. ``min_epochs``
-#: ``auto``: early stopping waits for half the run, and for a loss with schedules (HMIL's
-#: α(e), τ(e)) until the fine terms outweigh the coarse CE, α(e) < 1/2, e ≥ E/√2.
-PROTOCOLS: dict[str, dict[str, Any]] = {
-    "default": {
-        "epochs": 50,
-        "batch_bags": 8,
-        "lr": 1e-3,
-        "optimizer": "adamw",
-        "weight_decay": 1e-4,
-        "scheduler": "warmup_cosine",
-        "warmup_epochs": 1.0,
-        "lr_floor": 0.05,
-        "patience": 15,
-        "min_epochs": "auto",
-        "dropout": 0.25,
-        "instance_dropout": 0.25,
-        "balanced_sampling": False,
-        "slide_norm": "none",
-    },
-    "paper": {
-        "epochs": 200,
-        "batch_bags": 64,
-        "lr": 1e-4,
-        "optimizer": "adam",
-        "weight_decay": 0.0,
-        "scheduler": "plateau",
-        "warmup_epochs": 0.0,
-        "lr_floor": 0.0,
-        "patience": 20,
-        "min_epochs": 0,
-        "dropout": 0.0,
-        "instance_dropout": 0.0,
-        "balanced_sampling": False,
-        "slide_norm": "none",
-    },
-}
-SCHEDULERS = ("warmup_cosine", "cosine", "plateau")
-OPTIMIZERS = ("adam", "adamw")
 DEVICES = ("cpu", "cuda")
 ON_ERROR = ("fail", "record")
-#: Settings recorded in TrainConfig only when they differ from these, so the records of
-#: runs made before they existed still match.
-NEW_SETTING_DEFAULTS = {"balanced_sampling": False, "slide_norm": "none"}
-
-
-def parse_bool(value: bool | str) -> bool:
-    """true/false (yes/no, 1/0) as the command line and YAML give them."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "1"):
-        return True
-    if text in ("false", "no", "0"):
-        return False
-    raise ValueError(f"expected true or false, not {value!r}")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainSettings:
-    """What a run of one fold asks for. ``min_epochs`` is a count or ``auto`` (resolved
-    against the loss by :func:`resolve_min_epochs`); a number given as text (the command
-    line's) is read as that number."""
+class TrainSettings(TrainingSettings):
+    """What a run of one fold asks for: the model and fold, the seed, the training
+    settings (:class:`~hmil.training.settings.TrainingSettings`; None takes the protocol's
+    value) and the loss, teacher and MHIM presets."""
 
     model: str
     fold: int
     seed: int = 0
-    protocol: str = "default"
-    epochs: int
-    batch_bags: int
-    lr: float
-    optimizer: str
-    weight_decay: float
-    scheduler: str
-    warmup_epochs: float
-    lr_floor: float
-    patience: int
-    min_epochs: int | str
-    dropout: float
-    instance_dropout: float
-    balanced_sampling: bool
-    slide_norm: str
     loss_preset: str | None = None
     teacher: str | None = None
     mhim_preset: str | None = None
@@ -119,42 +49,7 @@ class TrainSettings:
     @classmethod
     def for_protocol(cls, protocol: str, **given: Any) -> TrainSettings:
         """Settings of ``given``, each one that is None or absent taken from the protocol."""
-        if protocol not in PROTOCOLS:
-            raise TrainingError(f"unknown protocol {protocol!r} (one of: {', '.join(PROTOCOLS)})")
-        for name, value in PROTOCOLS[protocol].items():
-            if given.get(name) is None:
-                given[name] = value
         return cls(protocol=protocol, **given)
-
-    def __post_init__(self) -> None:
-        # the order of the checks is the order their errors have always come in
-        for name in ("epochs", "batch_bags", "patience"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{_flag(name)} must be ≥ 1")
-        for name in ("dropout", "instance_dropout", "lr_floor"):
-            if not 0 <= getattr(self, name) < 1:
-                raise TrainingError(f"{_flag(name)} must be in [0, 1)")
-        for name in ("weight_decay", "warmup_epochs"):
-            if getattr(self, name) < 0:
-                raise TrainingError(f"{_flag(name)} must be ≥ 0")
-        if self.min_epochs != "auto":
-            try:
-                object.__setattr__(self, "min_epochs", int(self.min_epochs))
-            except ValueError:
-                raise TrainingError(
-                    f"--min-epochs: expected a number or auto, not {self.min_epochs!r}"
-                ) from None
-            if self.min_epochs < 0:
-                raise TrainingError("--min-epochs must be ≥ 0")
-        for name, choices in (
-            ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("slide_norm", SLIDE_NORMS)
-        ):  # fmt: skip
-            if getattr(self, name) not in choices:
-                raise TrainingError(f"{_flag(name)} must be one of: {', '.join(choices)}")
-        try:
-            object.__setattr__(self, "balanced_sampling", parse_bool(self.balanced_sampling))
-        except ValueError as error:
-            raise TrainingError(f"--balanced-sampling: {error}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,34 +74,21 @@ class RunOptions:
             object.__setattr__(self, name, Path(getattr(self, name)))
         for name, choices in (("device", DEVICES), ("on_error", ON_ERROR)):
             if getattr(self, name) not in choices:
-                raise TrainingError(f"{_flag(name)} must be one of: {', '.join(choices)}")
+                raise TrainingError(f"{flag(name)} must be one of: {', '.join(choices)}")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(TrainingSettings):
     """Everything that decides the trained weights (paths and devices excluded, so a
-    moved features directory or another GPU still resumes the same run)."""
+    moved features directory or another GPU still resumes the same run): the training
+    settings as resolved (``min_epochs`` a count), the model, fold, seed, loss preset and
+    hierarchy."""
 
     model: str
     fold: int
-    epochs: int
     seed: int
-    batch_bags: int
-    lr: float
-    optimizer: str
-    scheduler: str
-    patience: int
     loss_preset: str
     hierarchy: dict[str, Any]
-    protocol: str = "default"
-    weight_decay: float = 0.0
-    warmup_epochs: float = 0.0
-    lr_floor: float = 0.0
-    min_epochs: int = 0  # early stopping cannot end the run before this many epochs
-    dropout: float = 0.0
-    instance_dropout: float = 0.0
-    balanced_sampling: bool = False
-    slide_norm: str = "none"
     # MHIM runs only: the MHIM preset and the sha256 of the --teacher checkpoint
     mhim_preset: str | None = None
     teacher_sha256: str | None = None
@@ -239,15 +121,12 @@ class TrainConfig:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        # optional fields appear only when set, so runs of other models keep their config,
-        # and newer settings only when not at their default, so earlier runs keep theirs
+        """The record (metrics.json, model.pt, last.pt): optional fields only when set, so
+        runs of other models keep their config, and new settings only when not at their
+        default, so earlier runs keep theirs (:func:`~hmil.training.settings.recorded`)."""
         optional = ("mhim_preset", "teacher_sha256")
-        return {
-            key: value
-            for key, value in asdict(self).items()
-            if not (key in optional and value is None)
-            and not (key in NEW_SETTING_DEFAULTS and value == NEW_SETTING_DEFAULTS[key])
-        }
+        values = asdict(self)
+        return recorded({k: v for k, v in values.items() if not (k in optional and v is None)})
 
 
 def check_cohort(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import h5py
@@ -13,6 +14,7 @@ import torch
 
 from hmil.training.config import TrainSettings
 from hmil.training.outputs import FINAL_OUTPUTS, write_json
+from hmil.training.settings import recorded
 from plumbing.atomic import atomic_outputs, buffered
 from plumbing.errors import PipelineError
 from plumbing.provenance import code_version
@@ -34,15 +36,12 @@ def record_failure(settings: TrainSettings, out: Path, error: Exception) -> int:
     Nothing looks like a trained model: model.pt holds no weights, predictions.csv no rows,
     attention.h5 no slide. Returns the exit code, 0: the cohort run goes on."""
     reason = failure_reason(error)
-    requested = {
-        "model": settings.model, "fold": settings.fold, "epochs": settings.epochs,
-        "seed": settings.seed, "batch_bags": settings.batch_bags, "lr": settings.lr,
-        "optimizer": settings.optimizer, "scheduler": settings.scheduler,
-        "patience": settings.patience, "protocol": settings.protocol,
-        "weight_decay": settings.weight_decay, "warmup_epochs": settings.warmup_epochs,
-        "lr_floor": settings.lr_floor, "min_epochs": settings.min_epochs,
-        "dropout": settings.dropout, "instance_dropout": settings.instance_dropout,
-    }  # fmt: skip
+    # what was asked for, in the order of a run's record (the presets, resolved only by
+    # building the model, left out)
+    presets = ("loss_preset", "teacher", "mhim_preset")
+    requested = recorded(
+        {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in presets}
+    )
     failure = {"status": "failed", "reason": reason, "code_version": code_version()}
     history = out / "log.csv"
     with atomic_outputs(*(out / name for name in FINAL_OUTPUTS)) as temps:

@@ -37,7 +37,7 @@ from hmil.training.schedule import (
     per_step_scheduler,
     step_after_epoch,
 )
-from hmil.training.selection import epoch_log_row, learning_warnings, record_epoch
+from hmil.training.selection import TrainingState, epoch_log_row, learning_warnings
 from plumbing.atomic import output_errors
 
 log = logging.getLogger("hmil.train")  # the command's logger: its log lines name it
@@ -92,17 +92,15 @@ def fit_fold(settings: TrainSettings, options: RunOptions) -> None:
     if not run_epochs(fitting, data, membership, state):
         return  # stopped after --stop-after epochs; a rerun resumes
 
-    model.load_state_dict(state["best_state"])
-    state["learning_warnings"] = learning_warnings(
-        state["history"], state["best_epoch"], data.datasets["val"].fine_labels
-    )
-    if state["learning_warnings"]:
-        log.warning("%s may not have learned: %s", out, "; ".join(state["learning_warnings"]))
-    write_final_outputs(out, config, model, data, hierarchy, state, options.num_workers)
+    model.load_state_dict(state.best_state)
+    warnings = learning_warnings(state.history, state.best_epoch, data.datasets["val"].fine_labels)
+    if warnings:
+        log.warning("%s may not have learned: %s", out, "; ".join(warnings))
+    write_final_outputs(out, config, model, data, hierarchy, state, warnings, options.num_workers)
 
 
 def run_epochs(
-    fitting: Fitting, data: FoldData, membership: torch.Tensor, state: dict[str, Any]
+    fitting: Fitting, data: FoldData, membership: torch.Tensor, state: TrainingState
 ) -> bool:
     """Train from ``state``'s next epoch to the last or an early stop (True), or until
     ``--stop-after`` epochs of this invocation (False), saving last.pt after each."""
@@ -111,25 +109,25 @@ def run_epochs(
     val_loader = epoch_loader(
         data.datasets["val"], config.batch_bags, None, 0, options.num_workers, pin
     )
-    first_epoch = state["epoch"]
+    first_epoch = state.epoch
     tensorboard = optional_summary_writer(options.out / "tensorboard")
     progress = tqdm(
-        range(state["epoch"], config.epochs),
-        initial=state["epoch"],
+        range(state.epoch, config.epochs),
+        initial=state.epoch,
         total=config.epochs,
         desc=f"{config.model} fold {config.fold}",
         disable=None,
     )
     for epoch in progress:
-        if state["stopped_early"]:
+        if state.stopped_early:
             break
         row = train_and_validate(fitting, data.datasets["train"], val_loader, membership, epoch)
         add_scalars(tensorboard, options.out / "tensorboard", row, epoch)
-        record_epoch(state, epoch, row, fitting.model, config.patience, config.min_epochs)
+        state.record_epoch(epoch, row, fitting.model, config.patience, config.min_epochs)
         fitting.checkpoint.save(fitting.model, fitting.optimizer, fitting.scheduler, state)
         progress.set_postfix(loss=f"{row['train_loss']:.3f}", val_auc=f"{row['val_fine_auc']:.3f}")
-        if state["stopped_early"]:
-            log.info("early stop after epoch %d (best epoch %d)", epoch, state["best_epoch"])
+        if state.stopped_early:
+            log.info("early stop after epoch %d (best epoch %d)", epoch, state.best_epoch)
             break
         if options.stop_after is not None and epoch + 1 - first_epoch >= options.stop_after:
             log.info("stopping after %d epochs as asked; rerun to resume", options.stop_after)

@@ -25,6 +25,7 @@ from hmil.training.cohort import FoldData
 from hmil.training.config import TrainConfig
 from hmil.training.loop import device_record, epoch_loader
 from hmil.training.prediction import SlidePredictions, predict, predictions_table, split_metrics
+from hmil.training.selection import TrainingState
 from plumbing.atomic import atomic_outputs, buffered
 from plumbing.provenance import code_version
 
@@ -39,7 +40,8 @@ def write_final_outputs(
     model: nn.Module,
     data: FoldData,
     hierarchy: Hierarchy,
-    state: dict[str, Any],
+    state: TrainingState,
+    learning_warnings: list[str],
     num_workers: int,
 ) -> None:
     """Predict the test and val slides with the weights in ``model`` and write every final
@@ -58,10 +60,10 @@ def write_final_outputs(
         "config": config.as_dict(),
         "seed": config.seed,
         "code_version": made["code_version"],
-        "best_epoch": state["best_epoch"],
-        "epochs_trained": state["epoch"],
-        "stopped_early": state["stopped_early"],
-        "learning_warnings": state.get("learning_warnings", []),
+        "best_epoch": state.best_epoch,
+        "epochs_trained": state.epoch,
+        "stopped_early": state.stopped_early,
+        "learning_warnings": learning_warnings,
         "in_dim": made["in_dim"],
         "features": made["features"],
         "excluded_slides": data.excluded,
@@ -78,8 +80,8 @@ def write_final_outputs(
         write_test_attention(
             attention_tmp, split_predictions.get("test"), data.datasets["test"], hierarchy, config
         )
-        pd.DataFrame(state["history"]).to_csv(log_tmp, index=False)
-    log.info("wrote %s (best epoch %s)", out, state["best_epoch"])
+        pd.DataFrame(state.history).to_csv(log_tmp, index=False)
+    log.info("wrote %s (best epoch %s)", out, state.best_epoch)
 
 
 def final_predictions(
@@ -103,7 +105,7 @@ def model_record(
     config: TrainConfig,
     model: nn.Module,
     hierarchy: Hierarchy,
-    state: dict[str, Any],
+    state: TrainingState,
     made: dict[str, Any],
 ) -> dict[str, Any]:
     """model.pt: the weights on the CPU, and what evaluation and deployment check them by."""
@@ -118,7 +120,7 @@ def model_record(
         "config": config.as_dict(),
         "code_version": made["code_version"],
         "seed": config.seed,
-        "best_epoch": state["best_epoch"],
+        "best_epoch": state.best_epoch,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -102,27 +103,49 @@ def learning_warnings(
     return warnings
 
 
-def record_epoch(
-    state: dict[str, Any],
-    epoch: int,
-    row: dict[str, float],
-    model: nn.Module,
-    patience: int,
-    min_epochs: int,
-) -> None:
-    """Add epoch ``epoch``'s log ``row`` to the training ``state``: keep the model if it
-    scores best so far, and mark the run stopped early after ``patience`` epochs without a
-    better one (never before ``min_epochs``)."""
-    state["history"].append(row)
-    # use_auc: check_cohort refused a validation set of one fine class
-    score = selection_score(row, use_auc=True)
-    if state["best_score"] is None or score > state["best_score"]:
-        state["best_score"], state["best_epoch"] = score, epoch
-        state["best_state"] = copy.deepcopy(model.state_dict())
-        state["epochs_without_improvement"] = 0
-    else:
-        state["epochs_without_improvement"] += 1
-    state["stopped_early"] = (
-        state["epochs_without_improvement"] >= patience and epoch + 1 >= min_epochs
-    )
-    state["epoch"] = epoch + 1
+@dataclass
+class TrainingState:
+    """Where a run's epochs stand: the log rows so far, the best epoch (its score and
+    weights), how long since, whether early stopping ended the run. last.pt holds it as
+    :meth:`as_saved`'s plain dict (read back with torch's weights-only loading)."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: float | None = None
+    best_epoch: int | None = None
+    best_state: dict[str, Any] | None = None  # the best epoch's model state_dict
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+
+    def as_saved(self) -> dict[str, Any]:
+        """The state as last.pt holds it (a dict: tensors and plain data only). Not
+        ``asdict``: that would deep-copy the best weights every epoch."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def of_saved(cls, saved: Any) -> TrainingState:
+        """The state :meth:`as_saved` gave (of this or an earlier release: the dict has
+        not changed); ValueError for anything else."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(saved, dict) or set(saved) != names:
+            found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"expected a training state of {sorted(names)}, found {found}")
+        return cls(**saved)
+
+    def record_epoch(
+        self, epoch: int, row: dict[str, float], model: nn.Module, patience: int, min_epochs: int
+    ) -> None:
+        """Add epoch ``epoch``'s log ``row``: keep the model if it scores best so far, and
+        mark the run stopped early after ``patience`` epochs without a better one (never
+        before ``min_epochs``)."""
+        self.history.append(row)
+        # use_auc: check_cohort refused a validation set of one fine class
+        score = selection_score(row, use_auc=True)
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_epoch = score, epoch
+            self.best_state = copy.deepcopy(model.state_dict())
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        self.stopped_early = self.epochs_without_improvement >= patience and epoch + 1 >= min_epochs
+        self.epoch = epoch + 1

@@ -105,23 +105,40 @@ def encode_cohort(
     bar = tqdm(jobs, desc=f"{spec.name} features", unit="slide", disable=no_progress)
     for job in bar:
         try:
-            line = encode_slide(job, spec, record, params, runner, no_progress=True)
+            outcome = encode_slide(job, spec, record, params, runner, no_progress=True)
         except (OutputError, EncoderError):
             raise  # disk full, bad weights: every later slide would fail the same way
         except PipelineError as err:
             if options.strict:
                 raise
             failed.append((job.slide_id, str(err)))
-            line = f"error: {err}"
-            if options.record_failed:
-                line += record_failure(job, spec, record, params, runner, str(err))
-        else:
-            unreadable = failed_for_unreadable_patches(job.out)
-            if unreadable:
-                failed.append((job.slide_id, f"{job.slide}: {unreadable}"))
-        tqdm.write(line, file=sys.stderr if line.startswith(("error", "warning")) else sys.stdout)
+            tqdm.write(failure_words(err, job, spec, record, params, runner, options), sys.stderr)
+            continue
+        unreadable = failed_for_unreadable_patches(job.out)
+        if unreadable:
+            failed.append((job.slide_id, f"{job.slide}: {unreadable}"))
+        tqdm.write(outcome.words(), file=sys.stderr if outcome.is_warning else sys.stdout)
     _report(failed, len(jobs), options)
     return 0
+
+
+def failure_words(
+    error: PipelineError,
+    job: SlideJob,
+    spec: EncoderSpec,
+    record: str,
+    params: ExtractParams,
+    runner: LazyRunner,
+    options: CohortOptions,
+) -> str:
+    """The line of a slide that failed, after recording it when asked (--record-failed)."""
+    line = f"error: {error}"
+    if not options.record_failed:
+        return line
+    written = record_failure(job, spec, record, params, runner, str(error))
+    if written is None:
+        return line + " (no features file written: its patches file cannot be read)"
+    return line + f" (recorded as failed in {written})"
 
 
 def _report(failed: list[tuple[str, str]], total: int, options: CohortOptions) -> None:

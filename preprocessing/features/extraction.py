@@ -27,11 +27,8 @@ from preprocessing.features.encoders import (
 from preprocessing.features.features_files import validate_features, write_features
 from preprocessing.features.patch_dataset import PatchDataset, ReadGeometry, read_geometry
 from preprocessing.features.runner import EncoderRunner, Extraction, extract_features
-from preprocessing.features.unreadable import (
-    DEFAULT_MAX_UNREADABLE_FRACTION,
-    stale_verdict,
-    unreadable_verdict,
-)
+from preprocessing.features.settings import DEFAULT_MAX_UNREADABLE_FRACTION
+from preprocessing.features.unreadable import stale_verdict, unreadable_verdict
 from preprocessing.slides.access import open_slide
 from preprocessing.slides.patch_files import STATUS_FAILED, STATUS_OK, Patches, read_patches
 
@@ -87,6 +84,74 @@ class LazyRunner:
         return self._runner
 
 
+@dataclass(frozen=True)
+class KeptFeatures:
+    """A slide whose existing features file was complete and valid: kept, not recomputed."""
+
+    slide_id: str
+    out: Path
+    is_warning = False
+
+    def words(self) -> str:
+        return f"{self.slide_id}: {self.out} is already complete and valid; skipped"
+
+
+@dataclass(frozen=True)
+class FlaggedPatches:
+    """A slide whose patches file is flagged (no tissue, failed slide): an empty features
+    file flagged the same way was written."""
+
+    slide: Path
+    out: Path
+    status: str
+    reason: str
+    is_warning = True
+
+    def words(self) -> str:
+        return (
+            f"warning: {self.slide}: patches file is flagged {self.status} ({self.reason}); "
+            f"wrote an empty features file {self.out}"
+        )
+
+
+@dataclass(frozen=True)
+class ExtractedFeatures:
+    """A slide encoded: how many patches, by what, how fast, and the file's verdict on its
+    unreadable patches (``status`` failed: too many; ``unreadable`` > 0: degraded)."""
+
+    slide_id: str
+    slide: Path
+    n_patches: int
+    feature_dim: int
+    encoder: str
+    precision: str
+    device: str
+    patches_per_second: float
+    status: str
+    reason: str
+    unreadable: int
+
+    @property
+    def is_warning(self) -> bool:
+        return self.status == STATUS_FAILED or self.unreadable > 0
+
+    def words(self) -> str:
+        line = (
+            f"{self.slide_id}: {self.n_patches} patches → {self.feature_dim}-d features "
+            f"({self.encoder}, {self.precision} on {self.device}), "
+            f"{self.patches_per_second:.1f} patches/s"
+        )
+        if self.status == STATUS_FAILED:
+            return f"warning: {self.slide}: recorded as failed: {self.reason}; {line}"
+        if self.unreadable:
+            return f"warning: {self.slide}: degraded: {self.reason}; {line}"
+        return line
+
+
+#: What encoding one slide gave; ``words()`` is its summary line.
+SlideOutcome = KeptFeatures | FlaggedPatches | ExtractedFeatures
+
+
 def encode_slide(
     job: SlideJob,
     spec: EncoderSpec,
@@ -94,8 +159,8 @@ def encode_slide(
     params: ExtractParams,
     runner: LazyRunner,
     no_progress: bool,
-) -> str:
-    """Make the outputs of one slide (keeping valid ones); returns the summary line."""
+) -> SlideOutcome:
+    """Make the outputs of one slide (keeping valid ones); returns what it gave."""
     patches = read_patches(job.patches)
     if job.out.exists():
         problem = validate_features(
@@ -103,16 +168,13 @@ def encode_slide(
         )
         problem = problem or stale_verdict(job.out, params.max_unreadable_fraction)
         if problem is None:
-            return f"{patches.slide_id}: {job.out} is already complete and valid; skipped"
+            return KeptFeatures(patches.slide_id, job.out)
         log.warning("%s: existing output is invalid (%s); recomputing", job.out, problem)
     attrs = _output_attrs(job, spec, record, params, runner)
     if patches.status != STATUS_OK:
         reason = str(patches.attrs.get("status_reason", "")) or "no patches"
         _write_flagged(job, patches, spec, attrs, patches.status, reason, params.dtype)
-        return (
-            f"warning: {job.slide}: patches file is flagged {patches.status} ({reason}); "
-            f"wrote an empty features file {job.out}"
-        )
+        return FlaggedPatches(job.slide, job.out, patches.status, reason)
     return extract_slide(job, patches, spec, runner.get(), params, attrs, no_progress)
 
 
@@ -160,15 +222,16 @@ def record_failure(
     params: ExtractParams,
     runner: LazyRunner,
     reason: str,
-) -> str:
-    """--record-failed: a flagged empty output for a failed slide; what to add to its line."""
+) -> Path | None:
+    """--record-failed: a flagged empty output for a failed slide; the file written, or
+    None when its patches file cannot be read (then nothing is)."""
     try:
         patches = read_patches(job.patches)
     except PipelineError:
-        return " (no features file written: its patches file cannot be read)"
+        return None
     attrs = _output_attrs(job, spec, record, params, runner)
     _write_flagged(job, patches, spec, attrs, STATUS_FAILED, reason, params.dtype)
-    return f" (recorded as failed in {job.out})"
+    return job.out
 
 
 def extract_slide(
@@ -217,15 +280,12 @@ def extract_slide(
         params.precision,
         params.workers,
     )
-    line = (
-        f"{patches.slide_id}: {len(coords)} patches → {spec.feature_dim}-d features "
-        f"({spec.name}, {params.precision} on {runner.device}), {rate:.1f} patches/s"
-    )
-    if status == STATUS_FAILED:
-        return f"warning: {job.slide}: recorded as failed: {reason}; {line}"
-    if len(skipped):
-        return f"warning: {job.slide}: degraded: {reason}; {line}"
-    return line
+    return ExtractedFeatures(
+        slide_id=patches.slide_id, slide=job.slide, n_patches=len(coords),
+        feature_dim=spec.feature_dim, encoder=spec.name, precision=params.precision,
+        device=str(runner.device), patches_per_second=rate, status=status, reason=reason,
+        unreadable=len(skipped),
+    )  # fmt: skip
 
 
 def _check_finite(

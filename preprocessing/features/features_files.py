@@ -21,7 +21,6 @@ from plumbing.errors import PipelineError
 from preprocessing.features.encoders import get_encoder_spec
 from preprocessing.slides.patch_files import STATUS_OK, Patches, plain, read_patches
 
-DTYPES = ("float32", "float16")
 #: Attributes the features file sets itself; the patches file's values are kept as `patches_<key>`.
 _OWN_ATTRIBUTES = ("status", "status_reason", "n_patches", "code_version", "params")
 

@@ -13,9 +13,6 @@ import h5py
 
 from preprocessing.slides.patch_files import STATUS_FAILED, STATUS_OK, plain
 
-#: A slide with more of its patches unreadable than this is failed, not just degraded.
-DEFAULT_MAX_UNREADABLE_FRACTION = 0.1
-
 
 def unreadable_verdict(unreadable: int, total: int, max_fraction: float) -> tuple[str, str]:
     """(status, reason) of a slide with `unreadable` of its `total` patches skipped: `ok`

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from preprocessing.slides.access import (
     resolve_mpp,
 )
 from preprocessing.slides.grid import PatchGrid, patch_grid
+from preprocessing.slides.params import PatchParams
 from preprocessing.slides.patch_files import (
     STATUS_EMPTY,
     STATUS_FAILED,
@@ -34,21 +35,11 @@ from preprocessing.slides.patch_files import (
 )
 from preprocessing.slides.qc import qc_mpp, render_failure, render_qc, write_png
 from preprocessing.slides.tissue import (
-    TissueParams,
     TissueSegmentation,
     polygons_to_geojson,
     scale_polygons,
     segment_tissue,
 )
-
-
-@dataclass(frozen=True)
-class PatchParams:
-    target_mpp: float = 0.5
-    patch_size: int = 256
-    min_tissue: float = 0.25
-    overlap: float = 0.0
-    tissue: TissueParams = field(default_factory=TissueParams)
 
 
 @dataclass
@@ -264,21 +255,55 @@ class PatchJob:
     record_failure: bool = False  #: an unusable slide gives flagged outputs, not an error
 
 
-def patch_job(job: PatchJob, params: PatchParams) -> str:
-    """Patch one slide and write its outputs; returns the summary line."""
+@dataclass(frozen=True)
+class PatchOutcome:
+    """What patching one slide gave: its patches, tissue area, mpp and time, or, when the
+    slide could not be processed (``failure``), the failure recorded in its outputs.
+    ``empty_reason`` says why a processed slide has no patches."""
+
+    job: PatchJob
+    n_patches: int = 0
+    tissue_area_mm2: float = 0.0
+    mpp: float = 0.0
+    mpp_source: str = ""
+    seconds: float = 0.0
+    empty_reason: str | None = None
+    failure: SlideError | None = None
+
+    @property
+    def is_warning(self) -> bool:
+        return self.failure is not None or self.empty_reason is not None
+
+    def words(self) -> str:
+        """The summary line of the slide (``warning: ...`` for a failure or no patches)."""
+        job = self.job
+        if self.failure is not None:
+            return f"warning: {self.failure} (recorded as failed in {job.out})"
+        line = (
+            f"{job.slide_id}: {self.n_patches} patches, tissue {self.tissue_area_mm2:.2f} mm², "
+            f"mpp {self.mpp:.4g} ({self.mpp_source}), {self.seconds:.2f} s"
+        )
+        if self.empty_reason is not None:
+            line = f"warning: {job.slide}: 0 patches ({self.empty_reason}); {line}"
+        return line
+
+
+def patch_job(job: PatchJob, params: PatchParams) -> PatchOutcome:
+    """Patch one slide and write its outputs; returns what it gave."""
     try:
         result = patch_slide(job.slide, params, job.mpp, job.slide_id, qc=job.qc is not None)
     except SlideError as err:
         if not job.record_failure:
             raise
         write_failure(err, job.slide_id, params, job.out, job.qc, job.geojson)
-        return f"warning: {err} (recorded as failed in {job.out})"
+        return PatchOutcome(job, failure=err)
     write_outputs(result, params, job.out, job.qc, job.geojson)
-    line = (
-        f"{job.slide_id}: {len(result.grid.coords)} patches, tissue "
-        f"{result.tissue_area_mm2:.2f} mm², "
-        f"mpp {result.mpp.value:.4g} ({result.mpp.source}), {result.seconds:.2f} s"
+    return PatchOutcome(
+        job,
+        n_patches=len(result.grid.coords),
+        tissue_area_mm2=result.tissue_area_mm2,
+        mpp=result.mpp.value,
+        mpp_source=result.mpp.source,
+        seconds=result.seconds,
+        empty_reason=result.status_reason if result.status == STATUS_EMPTY else None,
     )
-    if result.status == STATUS_EMPTY:
-        line = f"warning: {job.slide}: 0 patches ({result.status_reason}); {line}"
-    return line

@@ -7,26 +7,12 @@ level-0 pixels, finds nothing on small 20× crops).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-
-@dataclass(frozen=True)
-class TissueParams:
-    """Segmentation settings. Defaults suit H&E at a segmentation resolution of ~8 µm/px."""
-
-    seg_mpp: float = 8.0  #: µm/px of the image segmented (read from the pyramid, see slide.py)
-    threshold: int | None = None  #: fixed saturation threshold (0–255); None = Otsu
-    min_saturation: int = 15  #: floor under Otsu, so a blank slide does not become all tissue
-    median_um: float = 50.0  #: median blur window
-    close_um: float = 50.0  #: morphological closing kernel
-    min_tissue_area_um2: float = 20_000.0  #: smaller tissue pieces are dropped (0.02 mm²)
-    min_hole_area_um2: float = 10_000.0  #: smaller holes are filled
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from preprocessing.slides.params import TissueParams
 
 
 @dataclass

@@ -13,8 +13,12 @@ from snakemake.utils import validate
 # Snakemake has it (pyproject.toml lists Snakemake among its dependencies).
 try:
     from hmil.data.published_splits import PublishedSplitError, published_split_files
+    from hmil.training.settings import setting_flags
     from plumbing.errors import SheetError
+    from plumbing.settings import option_words
+    from preprocessing.features.settings import ExtractSettings
     from preprocessing.features.import_sources import FeatureImportError, locate_cohort
+    from preprocessing.slides.params import PatchParams, TissueParams
     from preprocessing.slides.sheet import read_slide_sheet
 except ImportError as err:
     raise WorkflowError(
@@ -189,16 +193,11 @@ def slide_path(wildcards):
 
 
 def patch_arguments(wildcards):
+    # each grid and tissue setting of the config (preprocessing/slides/params.py)
     row = sheet_of(wildcards).loc[wildcards.slide]
     args = [
-        f"--target-mpp {PREPROCESS['target_mpp']}",
-        f"--patch-size {PREPROCESS['patch_size']}",
-        f"--min-tissue {PREPROCESS['min_tissue']}",
-        f"--overlap {PREPROCESS['overlap']}",
-        f"--seg-mpp {PREPROCESS['seg_mpp']}",
-        f"--threshold {PREPROCESS['threshold']}",
-        f"--min-tissue-area {PREPROCESS['min_tissue_area_um2']}",
-        f"--min-hole-area {PREPROCESS['min_hole_area_um2']}",
+        *option_words(PREPROCESS, PatchParams),
+        *option_words(PREPROCESS, TissueParams),
         "--on-error " + ("fail" if config["strict"] else "record"),
     ]
     if "mpp" in row and row["mpp"] == row["mpp"]:  # not NaN
@@ -219,15 +218,11 @@ def weights_file(wildcards):
 
 
 def extract_arguments(wildcards):
+    # the encoder's weights, and each setting of the config (preprocessing/features/settings.py)
     return " ".join(
         [
             encoder_weights(wildcards),
-            f"--batch-size {FEATURES['batch_size']}",
-            f"--workers {FEATURES['workers']}",
-            f"--device {FEATURES['device']}",
-            f"--precision {FEATURES['precision']}",
-            f"--dtype {FEATURES['dtype']}",
-            f"--max-unreadable-fraction {FEATURES['max_unreadable_fraction']}",
+            *option_words(FEATURES, ExtractSettings),
             "--on-bad-patch " + ("fail" if config["strict"] else "skip"),
         ]
     )
@@ -258,22 +253,10 @@ def split_arguments(wildcards):
     return " ".join(args)
 
 
-# Training settings passed as hmil.train flags when set; one left out takes the protocol's
-# value (benchmarks/learning_check.py reads the config the same way).
-PROTOCOL_FLAGS = (
-    "epochs", "batch_bags", "lr", "optimizer", "weight_decay", "scheduler", "warmup_epochs",
-    "lr_floor", "patience", "min_epochs", "dropout", "instance_dropout", "balanced_sampling",
-    "slide_norm",
-)  # fmt: skip
-
-
 def training_arguments(wildcards, input):
-    args = [f"--protocol {TRAINING['protocol']}"]
-    args += [
-        f"--{key.replace('_', '-')} {TRAINING[key]}"
-        for key in PROTOCOL_FLAGS
-        if TRAINING.get(key) is not None
-    ]
+    # --protocol, and each training setting the config gives (hmil/training/settings.py);
+    # one left out takes the protocol's value. benchmarks/learning_check.py does the same.
+    args = [" ".join(setting_flags(TRAINING))]
     args += [
         f"--seed {TRAINING['seed']}",
         f"--device {TRAINING['device']}",
