@@ -14,17 +14,21 @@ an empty, flagged features file and exit 0.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
 
 from plumbing.cli import non_negative_int, run_cli, setup_logging
+from plumbing.gpu_claim import claim_for_device
 from preprocessing.features.cohort import CohortOptions, check_outputs, encode_cohort, sheet_jobs
 from preprocessing.features.encoders import get_encoder_spec, weights_record
 from preprocessing.features.extraction import ExtractParams, LazyRunner, SlideJob, encode_slide
 from preprocessing.features.features_files import DTYPES, default_pt_path
 from preprocessing.features.runner import default_workers, resolve_device, resolve_precision
 from preprocessing.features.unreadable import DEFAULT_MAX_UNREADABLE_FRACTION
+
+log = logging.getLogger("hmil.extract")
 
 
 def _positive_int(value: str) -> int:
@@ -167,6 +171,15 @@ def extract_params(args: argparse.Namespace, device: torch.device) -> ExtractPar
     )
 
 
+def say_one_gpu(device: torch.device) -> None:
+    """One log line when several GPUs are visible: extraction runs on one of them."""
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        log.info(
+            "%d GPUs visible; this extraction uses one, %s (claim one per job: see "
+            "plumbing/gpu_claim.py)", torch.cuda.device_count(), device,
+        )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -177,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         record = weights_record(spec, args.weights) if args.weights else None
         return check_outputs(jobs, spec, record, args.dtype)
     record = weights_record(spec, args.weights)
+    # before torch starts CUDA: this job's own GPU on a machine of several
+    claim_for_device(args.device)
     device = resolve_device(args.device)
+    say_one_gpu(device)
     params = extract_params(args, device)
     runner = LazyRunner(device, params)
     if args.sheet is None:

@@ -24,6 +24,7 @@ from hmil.data.published_splits import (  # noqa: E402
     published_split_files,
 )
 from plumbing.errors import SheetError  # noqa: E402
+from plumbing.gpu_claim import detected_gpu_count  # noqa: E402
 from preprocessing.features.import_sources import (  # noqa: E402
     FeatureImportError,
     locate_cohort,
@@ -124,6 +125,34 @@ MODELS = list(
 def slurm_partition(gpus=0):
     """SLURM partition of a job; empty leaves the choice to the cluster's default."""
     return (gpus and CLUSTER["gpu_partition"]) or CLUSTER["partition"]
+
+
+def check_gpu_resources():
+    """`--resources gpu=G` above the GPUs that local jobs can claim: one line. The run goes
+    on; a GPU job that finds every GPU claimed waits for one (plumbing/gpu_claim.py)."""
+    asked = workflow.global_resources.get("gpu")
+    cluster = workflow.global_resources["_nodes"].value is not None  # SLURM places GPUs
+    wanted = FEATURES["gpus"] or TRAINING["gpus"]
+    if cluster or not wanted or asked is None or not isinstance(asked.value, int):
+        return
+    found = detected_gpu_count()
+    where = "(HMIL_GPU_DEVICES, CUDA_VISIBLE_DEVICES or the NVIDIA driver)"
+    if found == 0 and asked.value > 0:
+        print(
+            f"note: --resources gpu={asked.value} but no GPU found here {where}: GPU jobs run"
+            " on the CPU with device: auto, and stop saying so with device: cuda",
+            file=sys.stderr,
+        )
+    elif asked.value > found:
+        print(
+            f"note: --resources gpu={asked.value} but {found} GPU(s) here {where}: {found}"
+            f" GPU job(s) run at once, one per GPU, the others wait for a free one"
+            f" (use --resources gpu={found})",
+            file=sys.stderr,
+        )
+
+
+check_gpu_resources()
 
 
 def scaled(value):
