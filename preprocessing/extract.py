@@ -92,6 +92,12 @@ def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="CSV of the slides that failed (default: <out-dir>/failed_slides.csv)",
     )
+    cohort.add_argument(
+        "--shard-record",
+        type=Path,
+        help="CSV written last, one row per slide of the run (slide_id, status, reason, "
+        "features): the workflow's record that a shard is complete",
+    )
 
 
 def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
@@ -138,11 +144,11 @@ def slide_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> lis
     if args.sheet is None:
         if args.slide is None or args.patches is None or args.out is None:
             parser.error("give SLIDE PATCHES --out F.h5, or --sheet with --patches-dir/--out-dir")
-        cohort_only = (args.slide_ids, args.record_failed, args.failed_list)
+        cohort_only = (args.slide_ids, args.record_failed, args.failed_list, args.shard_record)
         if args.patches_dir or args.out_dir or args.strict or any(cohort_only):
             parser.error(
-                "--patches-dir, --out-dir, --strict, --slide-ids, --record-failed and "
-                "--failed-list go with --sheet"
+                "--patches-dir, --out-dir, --strict, --slide-ids, --record-failed, "
+                "--failed-list and --shard-record go with --sheet"
             )
         out_pt = None if args.no_pt else (args.out_pt or default_pt_path(args.out))
         return [SlideJob(args.patches.stem, args.slide, args.patches, args.out, out_pt)]
@@ -200,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         print(encode_slide(jobs[0], spec, record, params, runner, args.no_progress))
         return 0
     options = CohortOptions(
-        args.sheet, args.out_dir, args.strict, args.record_failed, args.failed_list
-    )
+        args.sheet, args.out_dir, args.strict, args.record_failed, args.failed_list,
+        args.shard_record,
+    )  # fmt: skip
     return encode_cohort(jobs, spec, record, params, runner, options, args.no_progress)
 
 
