@@ -150,7 +150,11 @@ def check_gpu_resources():
     """`--resources gpu=G` above the GPUs that local jobs can claim: one line. The run goes
     on; a GPU job that finds every GPU claimed waits for one (plumbing/gpu_claim.py)."""
     asked = workflow.global_resources.get("gpu")
-    cluster = workflow.global_resources["_nodes"].value is not None  # SLURM places GPUs
+    # SLURM places GPUs: a cluster run (`_nodes` is set for non-local executors only) and
+    # the Snakemake that runs a job inside its allocation say nothing
+    cluster = (
+        workflow.global_resources["_nodes"].value is not None or workflow.remote_exec
+    )
     wanted = FEATURES["gpus"] or TRAINING["gpus"]
     if cluster or not wanted or asked is None or not isinstance(asked.value, int):
         return
