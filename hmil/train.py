@@ -30,11 +30,14 @@ from hmil.training.failures import record_failure
 from hmil.training.fit import fit_fold
 from hmil.training.settings import add_setting_options
 from plumbing.cli import config_from_args, run_cli, setup_logging
+from plumbing.gpu_claim import claim_for_device
 
 
 def main(argv: list[str] | None = None) -> int:
     settings, options, verbose = parse_args(argv)
     setup_logging(verbose)
+    # before torch starts CUDA: this job's own GPU on a machine of several
+    claim_for_device(options.device)
     try:
         fit_fold(settings, options)
     except Exception as error:

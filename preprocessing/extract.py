@@ -14,17 +14,21 @@ an empty, flagged features file and exit 0.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
 
 from plumbing.cli import add_options, run_cli, setup_logging
+from plumbing.gpu_claim import claim_for_device
 from preprocessing.features.cohort import CohortOptions, check_outputs, encode_cohort, sheet_jobs
 from preprocessing.features.encoders import get_encoder_spec, weights_record
 from preprocessing.features.extraction import ExtractParams, LazyRunner, SlideJob, encode_slide
 from preprocessing.features.features_files import default_pt_path
 from preprocessing.features.runner import default_workers, resolve_device, resolve_precision
 from preprocessing.features.settings import ExtractSettings
+
+log = logging.getLogger("hmil.extract")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +78,12 @@ def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="CSV of the slides that failed (default: <out-dir>/failed_slides.csv)",
     )
+    cohort.add_argument(
+        "--shard-record",
+        type=Path,
+        help="CSV written last, one row per slide of the run (slide_id, status, reason, "
+        "features): the workflow's record that a shard is complete",
+    )
 
 
 def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
@@ -89,11 +99,11 @@ def slide_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> lis
     if args.sheet is None:
         if args.slide is None or args.patches is None or args.out is None:
             parser.error("give SLIDE PATCHES --out F.h5, or --sheet with --patches-dir/--out-dir")
-        cohort_only = (args.slide_ids, args.record_failed, args.failed_list)
+        cohort_only = (args.slide_ids, args.record_failed, args.failed_list, args.shard_record)
         if args.patches_dir or args.out_dir or args.strict or any(cohort_only):
             parser.error(
-                "--patches-dir, --out-dir, --strict, --slide-ids, --record-failed and "
-                "--failed-list go with --sheet"
+                "--patches-dir, --out-dir, --strict, --slide-ids, --record-failed, "
+                "--failed-list and --shard-record go with --sheet"
             )
         out_pt = None if args.no_pt else (args.out_pt or default_pt_path(args.out))
         return [SlideJob(args.patches.stem, args.slide, args.patches, args.out, out_pt)]
@@ -122,6 +132,15 @@ def extract_params(args: argparse.Namespace, device: torch.device) -> ExtractPar
     )
 
 
+def say_one_gpu(device: torch.device) -> None:
+    """One log line when several GPUs are visible: extraction runs on one of them."""
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        log.info(
+            "%d GPUs visible; this extraction uses one, %s (claim one per job: see "
+            "plumbing/gpu_claim.py)", torch.cuda.device_count(), device,
+        )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -132,15 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         record = weights_record(spec, args.weights) if args.weights else None
         return check_outputs(jobs, spec, record, args.dtype)
     record = weights_record(spec, args.weights)
+    # before torch starts CUDA: this job's own GPU on a machine of several
+    claim_for_device(args.device)
     device = resolve_device(args.device)
+    say_one_gpu(device)
     params = extract_params(args, device)
     runner = LazyRunner(device, params)
     if args.sheet is None:
         print(encode_slide(jobs[0], spec, record, params, runner, args.no_progress).words())
         return 0
     options = CohortOptions(
-        args.sheet, args.out_dir, args.strict, args.record_failed, args.failed_list
-    )
+        args.sheet, args.out_dir, args.strict, args.record_failed, args.failed_list,
+        args.shard_record,
+    )  # fmt: skip
     return encode_cohort(jobs, spec, record, params, runner, options, args.no_progress)
 
 

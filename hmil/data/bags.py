@@ -228,11 +228,26 @@ def _load_pt(path: Path, slide_id: str, mmap: bool) -> torch.Tensor:
 
 
 def rebuild_hint(path: str | Path) -> str:
-    """How to rebuild a damaged feature file, in the words of a BagError."""
+    """How to rebuild a damaged feature file, in the words of a BagError: force the
+    workflow's shard record that lists it (`shards/shard<k>.csv` beside the file, written
+    by the workflow's extraction), else the file itself."""
+    target = shard_record_of(Path(path)) or path
     return (
         "rebuild it by re-running its feature extraction (workflow: the usual snakemake "
-        f"command plus --forcerun {path})"
+        f"command plus --forcerun {target})"
     )
+
+
+def shard_record_of(path: Path) -> Path | None:
+    """The workflow's shard record that lists the slide of features file `path`, if any."""
+    for record in sorted((path.parent / "shards").glob("shard*.csv")):
+        try:
+            slides = pd.read_csv(record, usecols=["slide_id"], dtype=str)["slide_id"]
+        except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+            continue
+        if path.stem in set(slides):
+            return record
+    return None
 
 
 def unreadable(slide_id: str, path: str | Path, error: BaseException) -> BagError:

@@ -38,6 +38,7 @@ class CohortOptions:
     strict: bool = False  #: stop at the first slide that fails
     record_failed: bool = False  #: a failed slide still gets a (flagged) features file
     failed_list: Path | None = None  #: default: <out_dir>/failed_slides.csv
+    shard_record: Path | None = None  #: every slide's status, written last (workflow)
 
     @property
     def failed_csv(self) -> Path:
@@ -119,6 +120,8 @@ def encode_cohort(
             failed.append((job.slide_id, f"{job.slide}: {unreadable}"))
         tqdm.write(outcome.words(), file=sys.stderr if outcome.is_warning else sys.stdout)
     _report(failed, len(jobs), options)
+    if options.shard_record is not None:
+        _write_shard_record(jobs, dict(failed), options.shard_record)
     return 0
 
 
@@ -139,6 +142,19 @@ def failure_words(
     if written is None:
         return line + " (no features file written: its patches file cannot be read)"
     return line + f" (recorded as failed in {written})"
+
+
+def _write_shard_record(jobs: list[SlideJob], failed: dict[str, str], path: Path) -> None:
+    """One row per slide of the run: its status ("ok" or "failed"), why, and its file."""
+    rows = [
+        (job.slide_id, "failed" if job.slide_id in failed else "ok",
+         failed.get(job.slide_id, ""), str(job.out))
+        for job in jobs
+    ]  # fmt: skip
+    with atomic_outputs(path) as (temp,):
+        pd.DataFrame(rows, columns=["slide_id", "status", "reason", "features"]).to_csv(
+            temp, index=False
+        )
 
 
 def _report(failed: list[tuple[str, str]], total: int, options: CohortOptions) -> None:

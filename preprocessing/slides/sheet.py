@@ -66,7 +66,10 @@ def _check_slide_ids(path: Path, slide_ids: pd.Series) -> None:
     """Slide ids name every output file: unique, and safe as file names."""
     duplicated = slide_ids[slide_ids.duplicated(keep=False)].unique()
     if len(duplicated):
-        raise SheetError(f"{path}: duplicate slide_id(s): {', '.join(duplicated[:5])}")
+        more = ", ..." if len(duplicated) > 5 else ""
+        raise SheetError(
+            f"{path}: {len(duplicated)} duplicate slide_id(s): {', '.join(duplicated[:5])}{more}"
+        )
     unsafe = [s for s in slide_ids if not SAFE_ID.match(s)]
     if unsafe:
         raise SheetError(

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hmil.data.bags import BagDataset, BagError, collate_bags
+from hmil.data.bags import BagDataset, BagError, collate_bags, rebuild_hint, shard_record_of
 
 
 def write_h5(directory: Path, slide_id: str, features: np.ndarray, feature_dim=None) -> Path:
@@ -144,3 +144,16 @@ def test_unreadable_feature_file_is_one_line_naming_the_slide(tmp_path, tiny_hie
     with pytest.raises(BagError, match=r"slide 'broken' \(.*broken\..*\): cannot read") as error:
         BagDataset(table(("broken", "a1")), tmp_path, tiny_hierarchy)
     assert "\n" not in str(error.value)
+
+
+def test_rebuild_hint_names_the_shard_record_listing_the_slide(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pd.DataFrame({"slide_id": ["a", "b"], "status": "ok"}).to_csv(shards / "shard0.csv")
+    pd.DataFrame({"slide_id": ["c"], "status": "failed"}).to_csv(shards / "shard1.csv")
+    (shards / "shard2.csv").write_text("")  # a record cut short is passed over
+    assert shard_record_of(tmp_path / "c.h5") == shards / "shard1.csv"
+    assert rebuild_hint(tmp_path / "a.pt").endswith(f"--forcerun {shards / 'shard0.csv'})")
+    # no record lists it (features made by hand, or a deployed cohort): the file itself
+    assert shard_record_of(tmp_path / "d.h5") is None
+    assert rebuild_hint(tmp_path / "d.h5").endswith(f"--forcerun {tmp_path / 'd.h5'})")

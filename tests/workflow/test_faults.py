@@ -4,8 +4,8 @@
   (`--unlock`, then `--rerun-incomplete`) finishes with valid feature files and no
   temporary files left behind.
 - A damaged feature file: training records the fold as failed with one line naming the
-  file and the rebuild command; that command (`--forcerun <file>`) rebuilds it and the
-  fold trains.
+  file and the rebuild command; that command (`--forcerun` of the shard record that lists
+  the slide) rebuilds it and the fold trains.
 - An unreadable slide: the cohort goes on without it, `failed_slides.csv` names it (also
   in the Snakemake report); `strict: true` stops at it.
 - A full disk or a folder without write permission: each writing CLI prints one line
@@ -38,6 +38,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from hmil.data.bags import shard_record_of
 from hmil.data.synthetic import SyntheticConfig, generate_cohort
 from hmil.data.synthetic import write_cohort as write_feature_cohort
 from preprocessing.features.features_files import validate_features
@@ -152,7 +153,7 @@ def test_killed_during_extraction_recovers_with_unlock_and_rerun_incomplete(tmp_
     assert done.returncode == 0, output_of(done)[-3000:]
 
     slides = pd.read_csv(sheet)["slide_id"]
-    assert sorted(p.name for p in features.iterdir()) == sorted(
+    assert sorted(p.name for p in features.iterdir() if p.is_file()) == sorted(
         f"{slide}{suffix}" for slide in slides for suffix in (".h5", ".pt")
     )
     for slide in slides:
@@ -230,21 +231,26 @@ def test_damaged_feature_file_is_named_and_rebuilt_by_forcerun(trained, damage):
     else:
         os.truncate(victim, victim.stat().st_size // 2)
 
-    # The changed file re-runs training, which records the fold as failed with one line
-    # naming the file and the command that rebuilds it (strict mode would stop instead:
+    # Snakemake tracks the shard records, not each slide's file: a training run that reads
+    # the damaged file (here a forced one) records the fold as failed with one line naming
+    # the file and the command that rebuilds it (strict mode would stop instead:
     # tests/hmil/test_failed_runs.py); the rest of the cohort run goes on.
-    done = run_in(folder, config, str(model))
+    assert_nothing_to_do(run_in(folder, config, "--dry-run", str(model)))
+    done = run_in(folder, config, str(model), "--forcerun", "train")
     assert done.returncode == 0, output_of(done)[-3000:]
     log_path = results / "logs" / "train" / FAST_ENCODER / "abmil" / "fold0.log"
     errors = [line for line in log_path.read_text().splitlines() if line.startswith("error:")]
     assert len(errors) == 1, log_path.read_text()[-3000:]
     assert str(victim) in errors[0] and "damaged or incomplete" in errors[0]
-    assert f"--forcerun {victim}" in errors[0] and "recorded as a failed run" in errors[0]
+    # the command forces the shard record that lists the slide (its extraction job)
+    record = shard_record_of(victim)
+    assert record is not None and record.parent == victim.parent / "shards"
+    assert f"--forcerun {record}" in errors[0] and "recorded as a failed run" in errors[0]
     assert "Traceback" not in log_path.read_text()
     metrics = json.loads((model.parent / "metrics.json").read_text())
-    assert metrics["status"] == "failed" and f"--forcerun {victim}" in metrics["reason"]
+    assert metrics["status"] == "failed" and f"--forcerun {record}" in metrics["reason"]
 
-    rebuilt = run_in(folder, config, "--forcerun", str(victim), str(model))
+    rebuilt = run_in(folder, config, str(model), "--forcerun", str(record))
     assert rebuilt.returncode == 0, output_of(rebuilt)[-3000:]
     assert validate_features(victim, results / "patches" / f"{slide}.h5", FAST_ENCODER) is None
     metrics = json.loads((model.parent / "metrics.json").read_text())

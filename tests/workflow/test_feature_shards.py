@@ -16,6 +16,7 @@ import h5py
 import pandas as pd
 import pytest
 
+from hmil.data.bags import rebuild_hint, shard_record_of
 from preprocessing.slides.demo_cohort import write_cohort
 from tests.conftest import snakemake_command
 from tests.preprocessing.test_unreadable_patches import write_damaged_slide
@@ -35,6 +36,13 @@ def planned_jobs(plan: subprocess.CompletedProcess) -> dict[str, int]:
     """rule -> job count of a dry run's job table."""
     output = plan.stdout + plan.stderr
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", output, re.M)}
+
+
+def planned_outputs(plan: subprocess.CompletedProcess, folder: str) -> list[str]:
+    """The outputs of a dry run's jobs that lie in a folder named `folder`."""
+    outputs = re.findall(r"^\s+output: (.+)$", plan.stdout, re.M)
+    paths = [path for line in outputs for path in line.split(", ")]
+    return sorted(path for path in paths if Path(path).parent.name == folder)
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +98,52 @@ def test_shards_write_every_slide_and_record_the_damaged_one(sharded):
 
 
 @pytest.mark.workflow
+def test_shard_records_list_their_slides(sharded):
+    shards = sharded["results"] / "features" / ENCODER / "shards"
+    records = {p.name: pd.read_csv(p) for p in sorted(shards.glob("*.csv"))}
+    assert sorted(records) == ["shard0.csv", "shard1.csv"]
+    assert list(records["shard0.csv"]["slide_id"]) == ["slide_000", "slide_001"]
+    shard1 = records["shard1.csv"].set_index("slide_id")
+    assert list(shard1.index) == ["slide_002", "damaged"]
+    assert list(shard1["status"]) == ["ok", "failed"]
+    assert "more than the 5% allowed" in shard1.loc["damaged", "reason"]
+
+
+@pytest.mark.workflow
 def test_rerunning_one_slide_reruns_its_shard_only(sharded):
+    """A damaged file's training error names the shard record to force (rebuild_hint);
+    forcing it plans that shard and the summary that reads it, nothing else."""
     victim = sharded["results"] / "features" / ENCODER / "slide_002.h5"
+    record = shard_record_of(victim)
+    assert record == victim.parent / "shards" / "shard1.csv"
+    assert f"--forcerun {record}" in rebuild_hint(victim)
     plan = run_in(
-        sharded["folder"], sharded["config"], "--dry-run", "--forcerun", str(victim),
-        str(sharded["target"]),
+        sharded["folder"], sharded["config"], "--dry-run", str(sharded["target"]),
+        "--forcerun", str(record),
     )  # fmt: skip
     assert plan.returncode == 0, (plan.stdout + plan.stderr)[-2000:]
+    assert planned_jobs(plan) == {"extract_features": 1, "feature_summary": 1, "total": 2}
+    assert planned_outputs(plan, "shards") == [str(record)]
+
+
+@pytest.mark.workflow
+def test_a_slide_added_at_the_end_leaves_the_earlier_shards_alone(sharded):
+    """A fifth slide at the end of the sheet starts shard 2: its patching and that shard;
+    shards 0 and 1 stay as they are."""
+    sheet_path = sharded["folder"] / "cohort" / "slides.csv"
+    original = sheet_path.read_text()
+    sheet = pd.read_csv(sheet_path)
+    sheet.loc[len(sheet)] = ["added", sheet.loc[0, "path"], "P97", sheet.loc[0, "label"]]
+    try:
+        sheet.to_csv(sheet_path, index=False)
+        plan = run_in(sharded["folder"], sharded["config"], "--dry-run", str(sharded["target"]))
+    finally:
+        sheet_path.write_text(original)
+    assert plan.returncode == 0, (plan.stdout + plan.stderr)[-2000:]
     jobs = planned_jobs(plan)
-    assert jobs.get("extract_features_shard1") == 1 and "extract_features_shard0" not in jobs
-    assert "extract_features" not in jobs and "patch" not in jobs
+    assert jobs == {"patch": 1, "extract_features": 1, "feature_summary": 1, "total": 3}, jobs
+    shards = sharded["results"] / "features" / ENCODER / "shards"
+    assert planned_outputs(plan, "shards") == [str(shards / "shard2.csv")]
 
 
 @pytest.mark.workflow

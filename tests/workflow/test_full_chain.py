@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from hmil.data.bags import rebuild_hint, shard_record_of
 from preprocessing.slides.demo_cohort import write_cohort
 from tests.workflow.configs import write_workflow_config
 
@@ -24,6 +25,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENCODER = "timm:resnet10t"
 MODELS = ["hmil_mb", "hmil", "abmil"]
 FOLDS = 2
+SHIPPED = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
+SLIDES_PER_JOB = SHIPPED["features"]["slides_per_job"]
 
 pytestmark = pytest.mark.workflow
 
@@ -132,8 +135,7 @@ def test_new_encoder_schedules_features_and_downstream_only(chain, run_snakemake
     plan = run_snakemake(path, "--dry-run")
     assert plan.returncode == 0, plan.stderr[-2000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout, re.MULTILINE))
-    n_slides = len(chain["sheet"])
-    assert counts.get("extract_features") == str(n_slides)
+    assert counts.get("extract_features") == str(shards(len(chain["sheet"])))
     assert counts.get("train") == str(len(MODELS) * FOLDS)
     assert counts.get("evaluate") == str(len(MODELS))
     assert "compare" in counts
@@ -146,18 +148,28 @@ def planned_jobs(plan) -> dict[str, int]:
     return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", plan.stdout, re.MULTILINE)}
 
 
+def shards(n_slides: int) -> int:
+    """Extraction jobs of a cohort at the shipped features.slides_per_job."""
+    return -(-n_slides // SLIDES_PER_JOB)
+
+
 def test_readme_rerun_examples_schedule_what_they_say(chain, run_snakemake):
-    """docs/cluster.md, "Re-running part of the workflow": features only for a new encoder
-    (--until), retraining one model (--forcerun train --until its summary), re-extracting one
-    encoder's files."""
-    results, n_slides = chain["results"], len(chain["sheet"])
+    """docs/cluster.md's re-run recipes at the shipped settings: features only for a new
+    encoder (--until extract_features), retraining one model (--forcerun train --until its
+    summary), rebuilding one features file (--forcerun of its shard record, which the
+    training error names), deploying only (--until deploy)."""
+    assert SLIDES_PER_JOB > 1 and shards(len(chain["sheet"])) > 1
+    results, n_shards = chain["results"], shards(len(chain["sheet"]))
     config = yaml.safe_load(chain["config"].read_text())
+    assert "slides_per_job" not in config["features"] or (
+        config["features"]["slides_per_job"] == SLIDES_PER_JOB
+    )
     config["encoders"] = [ENCODER, "timm:resnet18"]
     config["features"]["weights"]["timm:resnet18"] = "random"
     two = chain["folder"] / "readme_two_encoders.yaml"
     two.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(run_snakemake(two, "--dry-run", "--until", "extract_features"))
-    assert jobs == {"extract_features": n_slides, "total": n_slides}
+    assert jobs == {"extract_features": n_shards, "total": n_shards}
 
     summary = results / "eval" / ENCODER / "hmil" / "summary.csv"
     jobs = planned_jobs(
@@ -165,10 +177,23 @@ def test_readme_rerun_examples_schedule_what_they_say(chain, run_snakemake):
     )
     assert jobs == {"train": FOLDS, "evaluate": 1, "total": FOLDS + 1}
 
-    features = sorted((results / "features" / ENCODER).glob("*.h5"))[:2]
-    rebuild = ["--forcerun", *map(str, features), "--until", "extract_features"]
+    feature_file = sorted((results / "features" / ENCODER).glob("*.h5"))[-1]
+    record = shard_record_of(feature_file)
+    assert record is not None and f"--forcerun {record}" in rebuild_hint(feature_file)
+    rebuild = ["--until", "extract_features", "--forcerun", str(record)]
     jobs = planned_jobs(run_snakemake(chain["config"], "--dry-run", *rebuild))
-    assert jobs == {"extract_features": 2, "total": 2}
+    assert jobs == {"extract_features": 1, "total": 1}
+
+    bigger = write_external_sheet(chain["folder"], chain["sheet"], EXTERNAL_SLIDES + 1)
+    config = yaml.safe_load(chain["config"].read_text())
+    config["deploy"] = [{"name": "external", "slides": str(bigger)}]
+    path = chain["folder"] / "readme_deploy_only.yaml"
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(run_snakemake(path, "--dry-run", "--until", "deploy"))
+    assert jobs == {
+        "deploy_patch": 1, "deploy_extract_features": 1, "deploy": len(MODELS),
+        "total": 2 + len(MODELS),
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("strict", [False, True])

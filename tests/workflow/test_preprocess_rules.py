@@ -92,6 +92,11 @@ def test_missing_slide_file_is_recorded_not_fatal(tmp_path, fixture_slides, run_
     ("sheet_text", "message"),
     [
         ("slide_id,path,patient_id,label\na,a.svs,p,IC\na,b.svs,q,N\n", "duplicate slide_id(s): a"),
+        (
+            "slide_id,path,patient_id,label\n"
+            + "".join(f"{s},{s}.svs,p,IC\n" for s in "abcdefg" * 2),
+            "7 duplicate slide_id(s): a, b, c, d, e, ...",
+        ),
         ("slide_id,path,label\na,a.svs,IC\n", "missing column(s) patient_id"),
     ],
 )
@@ -103,6 +108,36 @@ def test_bad_sheet_stops_before_any_job(tmp_path, sheet_text, message, run_snake
     assert done.returncode != 0
     assert message in output
     assert "Traceback" not in output
+
+
+def test_many_missing_slide_files_are_one_line_before_planning(
+    tmp_path, fixture_slides, run_snakemake
+):
+    """A sheet of 2,000 rows, 40 of whose files are missing: one note with the count and the
+    first ids, from the sheet check (before the plan), and the plan goes on."""
+    shutil.copy(PROJECT_ROOT / "config" / "hierarchies" / "bracs.yaml", tmp_path / "hierarchy.yaml")
+    ids = [f"s_{i:04d}" for i in range(2000)]
+    missing = set(ids[100:140])
+    sheet = tmp_path / "slides.csv"
+    pd.DataFrame(
+        {
+            "slide_id": ids,
+            "path": [
+                str(tmp_path / f"{s}.svs") if s in missing
+                else str(fixture_slides / "cmu_small_region.svs")
+                for s in ids
+            ],
+            "patient_id": [f"p{i}" for i in range(2000)],
+            "label": ["N", "IC"] * 1000,
+        }
+    ).to_csv(sheet, index=False)  # fmt: skip
+    done = run_snakemake(write_config(tmp_path, sheet), "--dry-run", "--until", "patch")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    notes = [line for line in done.stderr.splitlines() if "slide files" in line]
+    assert notes == [
+        f"note: 40 of 2000 slide files of {sheet} not found (s_0100, s_0101, s_0102, s_0103,"
+        " s_0104, ...): each is recorded as a failed slide"
+    ]
 
 
 def test_workflow_passes_lint_and_snakefmt():

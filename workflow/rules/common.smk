@@ -15,6 +15,7 @@ try:
     from hmil.data.published_splits import PublishedSplitError, published_split_files
     from hmil.training.settings import setting_flags
     from plumbing.errors import SheetError
+    from plumbing.gpu_claim import detected_gpu_count
     from plumbing.settings import option_words
     from preprocessing.features.settings import ExtractSettings
     from preprocessing.features.import_sources import FeatureImportError, locate_cohort
@@ -63,6 +64,25 @@ validate(SLIDES, workflow.source_path("../schemas/slides.schema.yaml"))
 
 OUTDIR = config["outdir"].rstrip("/")
 SLIDE_IDS = list(SLIDES.index)
+
+
+def missing_slide_files(sheet):
+    """Slide ids whose file is not there, said in one line before planning: patching
+    records each as a failed slide (the others go on)."""
+    missing = [
+        s for s, path in zip(sheet.index, sheet["path"]) if not os.path.exists(path)
+    ]
+    if missing:
+        print(
+            f"note: {len(missing)} of {len(sheet)} slide files of {config['slides']} not"
+            f" found ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}):"
+            " each is recorded as a failed slide",
+            file=sys.stderr,
+        )
+    return set(missing)
+
+
+MISSING_SLIDES = missing_slide_files(SLIDES)
 # Cohorts the trained models are deployed to: name -> sheet file, and name -> sheet.
 DEPLOY_SHEETS = {cohort["name"]: cohort["slides"] for cohort in config["deploy"]}
 DEPLOY = {}
@@ -122,6 +142,38 @@ def slurm_partition(gpus=0):
     return (gpus and CLUSTER["gpu_partition"]) or CLUSTER["partition"]
 
 
+def check_gpu_resources():
+    """`--resources gpu=G` above the GPUs that local jobs can claim: one line. The run goes
+    on; a GPU job that finds every GPU claimed waits for one (plumbing/gpu_claim.py)."""
+    asked = workflow.global_resources.get("gpu")
+    # SLURM places GPUs: a cluster run (`_nodes` is set for non-local executors only) and
+    # the Snakemake that runs a job inside its allocation say nothing
+    cluster = (
+        workflow.global_resources["_nodes"].value is not None or workflow.remote_exec
+    )
+    wanted = FEATURES["gpus"] or TRAINING["gpus"]
+    if cluster or not wanted or asked is None or not isinstance(asked.value, int):
+        return
+    found = detected_gpu_count()
+    where = "(HMIL_GPU_DEVICES, CUDA_VISIBLE_DEVICES or the NVIDIA driver)"
+    if found == 0 and asked.value > 0:
+        print(
+            f"note: --resources gpu={asked.value} but no GPU found here {where}: GPU jobs run"
+            " on the CPU with device: auto, and stop saying so with device: cuda",
+            file=sys.stderr,
+        )
+    elif asked.value > found:
+        print(
+            f"note: --resources gpu={asked.value} but {found} GPU(s) here {where}: {found}"
+            f" GPU job(s) run at once, one per GPU, the others wait for a free one"
+            f" (use --resources gpu={found})",
+            file=sys.stderr,
+        )
+
+
+check_gpu_resources()
+
+
 def scaled(value):
     """A resource that doubles on each retry, so a job killed for memory or time gets more."""
     return lambda wildcards, attempt: value * 2 ** (attempt - 1)
@@ -165,8 +217,10 @@ for _encoder in sorted(set(ENCODERS) - set(HEATMAP_ENCODERS)):
     )
 
 
+# Slide ids are file-name safe (the sheet is checked): one path component. Not an
+# alternation of every id, a regex as long as the cohort tried on every file.
 wildcard_constraints:
-    slide=alternatives(sorted(set(SLIDE_IDS) | set(DEPLOY_SLIDE_IDS))),
+    slide=r"[^/]+",
     cohort=alternatives(DEPLOY),
     encoder=alternatives(ENCODERS),
     model=alternatives(MODELS),
@@ -179,6 +233,8 @@ def slide_file(wildcards):
     A missing file then reaches the patching step, which records it as a failed slide,
     instead of stopping the whole cohort at DAG construction.
     """
+    if "cohort" not in wildcards.keys():
+        return [] if wildcards.slide in MISSING_SLIDES else slide_path(wildcards)
     path = slide_path(wildcards)
     return path if os.path.exists(path) else []
 
@@ -203,6 +259,63 @@ def patch_arguments(wildcards):
     if "mpp" in row and row["mpp"] == row["mpp"]:  # not NaN
         args.append(f"--mpp {row['mpp']}")
     return " ".join(args)
+
+
+# ---- feature shards (rules/features.smk) ----
+# Shards of features.slides_per_job slides in the sheet's order: slides added at the end
+# of the sheet change the last shard only.
+SLIDES_PER_JOB = FEATURES["slides_per_job"]
+FEATURE_SHARDS = [
+    SLIDE_IDS[start : start + SLIDES_PER_JOB]
+    for start in range(0, len(SLIDE_IDS), SLIDES_PER_JOB)
+]
+
+
+def shard_slides(wildcards):
+    """The slide ids of a shard (an unknown shard number: one line)."""
+    shard = int(wildcards.shard)
+    if shard >= len(FEATURE_SHARDS):
+        raise WorkflowError(
+            f"feature shard {shard}: the cohort has shards 0 to {len(FEATURE_SHARDS) - 1}"
+        )
+    return FEATURE_SHARDS[shard]
+
+
+def shard_patches(wildcards):
+    return [f"{OUTDIR}/patches/{slide}.h5" for slide in shard_slides(wildcards)]
+
+
+def shard_slide_files(wildcards):
+    """The shard's slide files that exist (a missing one is a failed slide of patching)."""
+    return [
+        SLIDES.at[slide, "path"]
+        for slide in shard_slides(wildcards)
+        if slide not in MISSING_SLIDES
+    ]
+
+
+def shard_feature_files(wildcards):
+    return [
+        f"{OUTDIR}/features/{wildcards.encoder}/{slide}.{ext}"
+        for slide in shard_slides(wildcards)
+        for ext in ("h5", "pt")
+    ]
+
+
+def shard_records(encoder):
+    return [
+        f"{OUTDIR}/features/{encoder}/shards/shard{k}.csv"
+        for k in range(len(FEATURE_SHARDS))
+    ]
+
+
+def encoder_features(encoder):
+    """What says an encoder's features are complete: its shard records, or the summary of
+    an import. One file per shard, not per slide, keeps planning linear: each training job
+    would otherwise depend on every slide's file."""
+    if encoder in IMPORTED:
+        return [f"{OUTDIR}/features/{encoder}/imported.csv"]
+    return shard_records(encoder)
 
 
 def encoder_weights(wildcards):
@@ -282,10 +395,8 @@ def heatmap_geometry(wildcards):
     features the thin features files, which carry the coordinates and geometry recorded
     by the tool that made them."""
     if wildcards.encoder in IMPORTED:
-        folder = f"{OUTDIR}/features/{wildcards.encoder}"
-    else:
-        folder = f"{OUTDIR}/patches"
-    return expand(f"{folder}/{{slide}}.h5", slide=SLIDE_IDS)
+        return f"{OUTDIR}/features/{wildcards.encoder}"
+    return f"{OUTDIR}/patches"
 
 
 def run_dirs(encoder, model):

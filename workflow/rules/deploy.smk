@@ -19,7 +19,8 @@ use rule patch as deploy_patch with:
         f"{OUTDIR}/logs/deploy/{{cohort}}/patch/{{slide}}.log",
 
 
-use rule extract_features as deploy_extract_features with:
+# One job per deployed slide, whatever the training cohort's sharding.
+rule deploy_extract_features:
     input:
         patches=f"{OUTDIR}/deploy/{{cohort}}/patches/{{slide}}.h5",
         slide=slide_file,
@@ -29,10 +30,23 @@ use rule extract_features as deploy_extract_features with:
         pt=f"{OUTDIR}/deploy/{{cohort}}/features/{{encoder}}/{{slide}}.pt",
     log:
         f"{OUTDIR}/logs/deploy/{{cohort}}/features/{{encoder}}/{{slide}}.log",
-    # one job per deployed slide, whatever the training cohort's sharding
     wildcard_constraints:
         encoder=alternatives(EXTRACTED_ENCODERS),
-        slide=alternatives(DEPLOY_SLIDE_IDS),
+    conda:
+        "../../envs/features.yaml"
+    threads: FEATURES["threads"]
+    resources:
+        mem_mb=scaled(FEATURES["mem_mb"]),
+        runtime=scaled(120),
+        gpu=FEATURES["gpus"],
+        slurm_partition=slurm_partition(FEATURES["gpus"]),
+    params:
+        slide=slide_path,
+        args=extract_arguments,
+    shell:
+        "python -m preprocessing.extract {params.slide:q} {input.patches:q}"
+        " --encoder {wildcards.encoder:q} --out {output.features:q} --out-pt {output.pt:q}"
+        " {params.args} > {log:q} 2>&1"
 
 
 rule deploy:
@@ -92,3 +106,7 @@ use rule heatmaps as deploy_heatmaps with:
         ),
     log:
         f"{OUTDIR}/logs/deploy/{{cohort}}/heatmaps/{{encoder}}/{{model}}.log",
+    params:
+        patches=lambda wildcards, input: Path(input.patches[0]).parent,
+        top_k=EVALUATION["heatmap_top_k"],
+        size=EVALUATION["heatmap_size"],

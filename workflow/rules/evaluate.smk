@@ -41,7 +41,6 @@ rule heatmaps:
     input:
         attention=f"{OUTDIR}/models/{{encoder}}/{{model}}/fold{{fold}}/attention.h5",
         predictions=f"{OUTDIR}/models/{{encoder}}/{{model}}/fold{{fold}}/predictions.csv",
-        patches=heatmap_geometry,
         sheet=config["slides"],
     output:
         report(
@@ -61,7 +60,8 @@ rule heatmaps:
         runtime=scaled(30),
         slurm_partition=slurm_partition(),
     params:
-        patches=lambda wildcards, input: Path(input.patches[0]).parent,
+        # made before attention.h5: the patches files, or an import's features files
+        patches=heatmap_geometry,
         top_k=EVALUATION["heatmap_top_k"],
         size=EVALUATION["heatmap_size"],
     shell:

@@ -1,35 +1,28 @@
-# features.slides_per_job: 1 runs one job per slide (rule extract_features); more runs
-# shards of that many slides per job (rules extract_features_shard<k>), each loading the
-# model once and writing every slide's own files. Shards follow the sheet's order, so
-# slides added at its end leave the earlier shards as they are.
-SLIDES_PER_JOB = FEATURES["slides_per_job"]
-FEATURE_SHARDS = (
-    []
-    if SLIDES_PER_JOB == 1
-    else [
-        SLIDE_IDS[start : start + SLIDES_PER_JOB]
-        for start in range(0, len(SLIDE_IDS), SLIDES_PER_JOB)
-    ]
-)
-# The training slides this rule encodes one job each (deploy_extract_features, in
-# deploy.smk, sets its own constraints: deployed slides are never sharded).
-UNSHARDED_SLIDES = SLIDE_IDS if SLIDES_PER_JOB == 1 else []
+# One rule, extract_features, encodes shards of features.slides_per_job slides (1: one
+# slide per job): a job loads the model once, writes every slide's own files
+# (features/{encoder}/{slide}.h5/.pt, kept when already valid for the same weights) and
+# its shard record, features/{encoder}/shards/shard{shard}.csv: one row per slide with its
+# status; a failing slide gets a flagged file and the shard goes on, unless strict. The
+# record is what Snakemake tracks (the per-slide files are the job's, not declared: one
+# rule with a {shard} wildcard plans in linear time, where a generated rule per shard made
+# planning quadratic). Shards follow the sheet's order, so slides added at its end leave
+# the earlier shards alone; `--forcerun` of a shard record re-runs that shard only.
 
 
 rule extract_features:
     input:
-        patches=f"{OUTDIR}/patches/{{slide}}.h5",
-        slide=slide_file,
+        patches=shard_patches,
+        slides=shard_slide_files,
         weights=weights_file,
     output:
-        features=f"{OUTDIR}/features/{{encoder}}/{{slide}}.h5",
-        pt=f"{OUTDIR}/features/{{encoder}}/{{slide}}.pt",
+        record=f"{OUTDIR}/features/{{encoder}}/shards/shard{{shard}}.csv",
     log:
-        f"{OUTDIR}/logs/features/{{encoder}}/{{slide}}.log",
+        log=f"{OUTDIR}/logs/features/{{encoder}}/shard{{shard}}.log",
+        failed=f"{OUTDIR}/logs/features/{{encoder}}/shard{{shard}}_failed.csv",
     # Imported encoders' features come from rule import_features, never from here.
     wildcard_constraints:
         encoder=alternatives(EXTRACTED_ENCODERS),
-        slide=alternatives(UNSHARDED_SLIDES),
+        shard=r"\d+",
     conda:
         "../../envs/features.yaml"
     threads: FEATURES["threads"]
@@ -39,61 +32,26 @@ rule extract_features:
         gpu=FEATURES["gpus"],
         slurm_partition=slurm_partition(FEATURES["gpus"]),
     params:
-        slide=slide_path,
+        sheet=config["slides"],
+        slide_ids=lambda wildcards: " ".join(shard_slides(wildcards)),
+        patches=f"{OUTDIR}/patches",
+        out=lambda wildcards: f"{OUTDIR}/features/{wildcards.encoder}",
+        # a shard that re-runs computes its slides again, as if they were its outputs
+        previous=shard_feature_files,
+        # A failing slide gets a flagged file and the shard goes on, unless strict.
+        mode="--strict" if config["strict"] else "--record-failed",
         args=extract_arguments,
     shell:
-        "python -m preprocessing.extract {params.slide:q} {input.patches:q}"
-        " --encoder {wildcards.encoder:q} --out {output.features:q} --out-pt {output.pt:q}"
-        " {params.args} > {log:q} 2>&1"
-
-
-for _shard, _slides in enumerate(FEATURE_SHARDS):
-
-    rule:
-        name:
-            f"extract_features_shard{_shard}"
-        input:
-            patches=[f"{OUTDIR}/patches/{slide}.h5" for slide in _slides],
-            slides=[p for p in SLIDES.loc[_slides, "path"] if os.path.exists(p)],
-            weights=weights_file,
-        output:
-            features=[f"{OUTDIR}/features/{{encoder}}/{slide}.h5" for slide in _slides],
-            pt=[f"{OUTDIR}/features/{{encoder}}/{slide}.pt" for slide in _slides],
-        log:
-            log=f"{OUTDIR}/logs/features/{{encoder}}/shard{_shard}.log",
-            failed=f"{OUTDIR}/logs/features/{{encoder}}/shard{_shard}_failed.csv",
-        wildcard_constraints:
-            encoder=alternatives(EXTRACTED_ENCODERS),
-        conda:
-            "../../envs/features.yaml"
-        threads: FEATURES["threads"]
-        resources:
-            mem_mb=scaled(FEATURES["mem_mb"]),
-            runtime=scaled(120),
-            gpu=FEATURES["gpus"],
-            slurm_partition=slurm_partition(FEATURES["gpus"]),
-        params:
-            sheet=config["slides"],
-            slide_ids=" ".join(_slides),
-            patches=lambda wildcards, input: os.path.dirname(input.patches[0]),
-            out=lambda wildcards, output: os.path.dirname(output.features[0]),
-            # A failing slide gets a flagged file and the shard goes on, unless strict.
-            mode="--strict" if config["strict"] else "--record-failed",
-            args=extract_arguments,
-        shell:
-            "python -m preprocessing.extract --sheet {params.sheet:q}"
-            " --slide-ids {params.slide_ids} --patches-dir {params.patches:q}"
-            " --out-dir {params.out:q} --failed-list {log.failed:q}"
-            " --encoder {wildcards.encoder:q} {params.mode} {params.args} > {log.log:q} 2>&1"
+        "rm -f {params.previous:q} && python -m preprocessing.extract --sheet {params.sheet:q}"
+        " --slide-ids {params.slide_ids} --patches-dir {params.patches:q}"
+        " --out-dir {params.out:q} --failed-list {log.failed:q}"
+        " --shard-record {output.record:q} --encoder {wildcards.encoder:q} {params.mode}"
+        " {params.args} > {log.log:q} 2>&1"
 
 
 rule feature_summary:
     input:
-        expand(
-            f"{OUTDIR}/features/{{encoder}}/{{slide}}.h5",
-            encoder=EXTRACTED_ENCODERS,
-            slide=SLIDE_IDS,
-        ),
+        [record for encoder in EXTRACTED_ENCODERS for record in shard_records(encoder)],
     output:
         report(
             f"{OUTDIR}/preprocessing/degraded_slides.csv",
@@ -106,5 +64,12 @@ rule feature_summary:
     localrule: True
     conda:
         "../../envs/features.yaml"
+    params:
+        features=[
+            f"{OUTDIR}/features/{encoder}/{slide}.h5"
+            for encoder in EXTRACTED_ENCODERS
+            for slide in SLIDE_IDS
+        ],
     shell:
-        "python -m preprocessing.feature_summary {input:q} --out {output:q} 2>&1 | tee {log:q}"
+        "python -m preprocessing.feature_summary {params.features:q} --out {output:q}"
+        " 2>&1 | tee {log:q}"

@@ -4,8 +4,11 @@ rule import_features:
         sheet=config["slides"],
         sources=import_inputs,
     output:
+        # none without imported encoders: every features path would be tried against
+        # thousands of output patterns while planning
         features=expand(
-            f"{OUTDIR}/features/{{{{encoder}}}}/{{slide}}.h5", slide=SLIDE_IDS
+            f"{OUTDIR}/features/{{{{encoder}}}}/{{slide}}.h5",
+            slide=SLIDE_IDS if IMPORTED_ENCODERS else [],
         ),
         summary=f"{OUTDIR}/features/{{encoder}}/imported.csv",
     log:

@@ -1,8 +1,6 @@
 rule train:
     input:
-        features=lambda wildcards: expand(
-            f"{OUTDIR}/features/{wildcards.encoder}/{{slide}}.h5", slide=SLIDE_IDS
-        ),
+        features=lambda wildcards: encoder_features(wildcards.encoder),
         splits=f"{OUTDIR}/splits/DATA_SPLIT.csv",
         hierarchy=HIERARCHY_FILE,
         teacher=teacher_checkpoint,
