@@ -115,7 +115,10 @@ def test_many_missing_slide_files_are_one_line_before_planning(
 ):
     """A sheet of 2,000 rows, 40 of whose files are missing: one note with the count and the
     first ids, from the sheet check (before the plan), and the plan goes on."""
-    shutil.copy(PROJECT_ROOT / "config" / "hierarchies" / "bracs.yaml", tmp_path / "hierarchy.yaml")
+    shutil.copy(
+        PROJECT_ROOT / "hmil" / "presets" / "hierarchies" / "bracs.yaml",
+        tmp_path / "hierarchy.yaml",
+    )
     ids = [f"s_{i:04d}" for i in range(2000)]
     missing = set(ids[100:140])
     sheet = tmp_path / "slides.csv"
