@@ -43,7 +43,7 @@ def write_cohort(folder: Path, n_slides: int, slide: Path, folds: int) -> Path:
     config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
     config.update(
         slides=str(folder / "slides.csv"),
-        hierarchy=str(PROJECT_ROOT / "config" / "hierarchies" / "panda.yaml"),
+        hierarchy=str(PROJECT_ROOT / "hmil" / "presets" / "hierarchies" / "panda.yaml"),
         outdir=str(folder / "results"),
         deploy=[],
         encoders=["uni", "resnet50_trunc"],
