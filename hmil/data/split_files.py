@@ -85,14 +85,20 @@ class SplitConfig:
         }
 
 
+def _split_sheet(path: Path) -> pd.DataFrame:
+    """The slide sheet, with the patient and label columns every split needs."""
+    sheet = read_slide_sheet(path, require_labels=False)
+    for column in ("patient_id", "label"):
+        if column not in sheet.columns:
+            raise SplitError(f"{path}: missing column {column!r}")
+    return sheet
+
+
 def write_splits(config: SplitConfig) -> pd.DataFrame:
     """Split the sheet and write DATA_SPLIT.csv, its sidecar and (``clam_dir``) CLAM's
     tables in one atomic write; returns the DATA_SPLIT table."""
     hierarchy = _hierarchy(config.hierarchy)
-    sheet = read_slide_sheet(config.sheet, require_labels=False)
-    for column in ("patient_id", "label"):
-        if column not in sheet.columns:
-            raise SplitError(f"{config.sheet}: missing column {column!r}")
+    sheet = _split_sheet(config.sheet)
     try:
         splits = make_splits(
             sheet,
@@ -156,10 +162,7 @@ def write_published_splits(config: PublishedSplitConfig) -> pd.DataFrame:
     when anything disagrees (PublishedSplitError or SplitError, one line).
     """
     hierarchy = _hierarchy(config.hierarchy)
-    sheet = read_slide_sheet(config.sheet, require_labels=False)
-    for column in ("patient_id", "label"):
-        if column not in sheet.columns:
-            raise SplitError(f"{config.sheet}: missing column {column!r}")
+    sheet = _split_sheet(config.sheet)
     try:
         slides = normalised_slides(sheet)
         classes = check_labels(slides, hierarchy)

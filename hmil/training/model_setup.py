@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hmil.data.hierarchy import Hierarchy
-from hmil.models import create_model, list_models
+from hmil.models import MILOutput, create_model, list_models
 from hmil.models.mhim import MHIM, TeacherError, load_teacher
 from hmil.training.config import TrainingError, TrainSettings
 from hmil.training.losses import HMILLoss, LossConfig
@@ -51,12 +51,13 @@ def build_model(
     except ValueError as error:  # e.g. an unknown MHIM preset
         raise TrainingError(str(error)) from None
     model = model.to(device)
-    loss_preset = settings.loss_preset or default_loss_preset(model, in_dim)
+    probe = probe_output(model, in_dim)
+    loss_preset = settings.loss_preset or default_loss_preset(model, probe)
     try:
         loss_config = LossConfig.preset(loss_preset)
     except ValueError as error:
         raise TrainingError(str(error)) from None
-    check_loss_fits_model(model, settings.model, loss_config, loss_preset, hierarchy, in_dim)
+    check_loss_fits_model(probe, settings.model, loss_config, loss_preset, hierarchy)
     if not isinstance(model, MHIM):
         return ModelAndLoss(model, loss_config, loss_preset)
     # one source for the consistency weight: the MHIM preset's cl_alpha
@@ -71,34 +72,24 @@ def build_model(
 
 
 def check_loss_fits_model(
-    model: nn.Module,
+    probe: MILOutput,
     name: str,
     loss_config: LossConfig,
     loss_preset: str,
     hierarchy: Hierarchy,
-    in_dim: int,
 ) -> None:
     """One error line, before any epoch, when a loss term needs an output the model does not
-    give (e.g. the hmil preset's coarse terms on a flat model): the loss of one eval
-    forward of a 2-instance zero bag."""
-    parameter = next(model.parameters())
+    give (e.g. the hmil preset's coarse terms on a flat model): the loss of the probe."""
+    device = probe.fine_logits.device
     loss_fn = HMILLoss(hierarchy.membership_tensor(), num_epochs=1, config=loss_config)
-    was_training = model.training
-    model.eval()
+    label = torch.zeros(1, dtype=torch.long, device=device)
     try:
         with torch.no_grad():
-            output = model(torch.zeros(2, in_dim, device=parameter.device))
-            label = torch.zeros(1, dtype=torch.long)
-            loss_fn.to(parameter.device)(
-                [output], label.to(parameter.device), epoch=0,
-                coarse_labels=label.to(parameter.device),
-            )  # fmt: skip
+            loss_fn.to(device)([probe], label, epoch=0, coarse_labels=label)
     except ValueError as error:
         raise TrainingError(
             f"loss preset {loss_preset!r} does not fit model {name!r}: {error}"
         ) from None
-    finally:
-        model.train(was_training)
 
 
 def mhim_model_kwargs(settings: TrainSettings) -> dict[str, Any]:
@@ -118,20 +109,21 @@ def mhim_model_kwargs(settings: TrainSettings) -> dict[str, Any]:
     return {"mhim": settings.mhim_preset} if settings.mhim_preset is not None else {}
 
 
-def default_loss_preset(model: nn.Module, in_dim: int) -> str:
+def default_loss_preset(model: nn.Module, probe: MILOutput) -> str:
     """hmil for models with a coarse head, else the model's own (``loss_preset``
     attribute: clam, dsmil), else flat."""
-    if has_coarse_head(model, in_dim):
+    if probe.coarse_logits is not None:
         return "hmil"
     return getattr(model, "loss_preset", "flat")
 
 
-def has_coarse_head(model: nn.Module, in_dim: int) -> bool:
-    """Whether the model returns coarse logits (one eval forward of a 2-instance zero bag)."""
+def probe_output(model: nn.Module, in_dim: int) -> MILOutput:
+    """The model's output for a 2-instance zero bag in eval mode: which heads it has, and
+    what a loss can be computed from, before any epoch."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
         parameter = next(model.parameters())
         output = model(torch.zeros(2, in_dim, device=parameter.device))
     model.train(was_training)
-    return output.coarse_logits is not None
+    return output
