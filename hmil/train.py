@@ -29,8 +29,9 @@ from hmil.training.config import DEVICES, ON_ERROR, RunOptions, TrainingError, T
 from hmil.training.failures import record_failure
 from hmil.training.fit import fit_fold
 from hmil.training.settings import add_setting_options
-from plumbing.cli import config_from_args, run_cli, setup_logging
+from plumbing.cli import argparse_type, config_from_args, run_cli, setup_logging
 from plumbing.gpu_claim import claim_for_device
+from plumbing.settings import non_negative_float
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +141,15 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "--cache",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="keep features in memory after their first read (default: when they fit in a "
-        "quarter of the available memory and --num-workers is 0)",
+        help="keep all train and val features in memory after their first read (--no-cache: "
+        "none; default: up to --cache-gib, when --num-workers is 0)",
+    )
+    parser.add_argument(
+        "--cache-gib",
+        type=argparse_type(non_negative_float),
+        default=None,
+        help="memory the kept features may fill; the rest is read from disk every epoch, "
+        "ahead of the model (default: a quarter of the available memory)",
     )
     parser.add_argument(
         "--stop-after", type=int, default=None, help="end this invocation after N epochs"

@@ -15,6 +15,7 @@ and is checked when a bag is loaded.
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections import Counter
 from collections.abc import Sequence
@@ -264,6 +265,25 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
     return lines[0][:limit] if lines else type(error).__name__
 
 
+class CacheBudget:
+    """Bytes of features that the bag datasets sharing it may keep in memory: bags are kept
+    in the order they are first read until the budget is spent; later ones are read from
+    their file every time. One budget for train and val bounds the run's memory however
+    large the cohort; the bags kept stay fixed, so an epoch reads the same files each time.
+    """
+
+    def __init__(self, limit_bytes: float = math.inf) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` if they fit (one thread reads bags at a time: no lock)."""
+        if self.used_bytes + nbytes > self.limit_bytes:
+            return False
+        self.used_bytes += nbytes
+        return True
+
+
 class BagDataset(Dataset):
     """The slides of a table as bags: item i is a :class:`Bag` (features [N, D], labels, id).
 
@@ -273,7 +293,7 @@ class BagDataset(Dataset):
         hierarchy: maps labels to fine and coarse class indices.
         cache: keep loaded features in memory (per process: each DataLoader worker has
             its own copy, so use it with ``num_workers=0`` or small cohorts), as
-            :meth:`keep_in_memory` does after construction.
+            :meth:`keep_in_memory` does after construction, without a limit.
         feature_dim: expected D (e.g. the training set's, when building a test set);
             None means "whatever all slides agree on".
 
@@ -321,6 +341,7 @@ class BagDataset(Dataset):
         self.num_patches = np.asarray([n for n, _ in shapes], dtype=np.int64)
         self.feature_dim = self._common_feature_dim([d for _, d in shapes], feature_dim)
         self._cache: dict[int, torch.Tensor] | None = None
+        self._budget = CacheBudget()
         if cache:
             self.keep_in_memory()
 
@@ -344,10 +365,13 @@ class BagDataset(Dataset):
         """Memory the float32 features of all slides take once loaded."""
         return int(self.num_patches.sum()) * self.feature_dim * 4
 
-    def keep_in_memory(self) -> None:
-        """From now on keep each bag's features after its first read."""
+    def keep_in_memory(self, budget: CacheBudget | None = None) -> None:
+        """From now on keep each bag's features after its first read, as long as ``budget``
+        (default: none) has room."""
         if self._cache is None:
             self._cache = {}
+        if budget is not None:
+            self._budget = budget
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -361,7 +385,7 @@ class BagDataset(Dataset):
                     f"slide {self.slide_ids[index]!r} ({self.paths[index]}): feature dimension "
                     f"{features.shape[1]}, expected {self.feature_dim}"
                 )
-            if self._cache is not None:
+            if self._cache is not None and self._budget.take(features.nbytes):
                 self._cache[index] = features
         return Bag(
             features=features,

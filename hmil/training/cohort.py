@@ -4,11 +4,12 @@ against the settings, and their bags."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import pandas as pd
 
-from hmil.data.bags import BagDataset, drop_flagged_slides
+from hmil.data.bags import BagDataset, CacheBudget, drop_flagged_slides
 from hmil.data.fold_tables import load_fold_tables
 from hmil.data.hierarchy import Hierarchy
 from hmil.training.config import RunOptions, TrainingError, TrainSettings, check_cohort
@@ -16,8 +17,8 @@ from hmil.training.memory import available_memory
 
 log = logging.getLogger("hmil.train")  # the command's logger: its log lines name it
 
-#: The share of the memory available at start that the features may fill when ``--cache``
-#: is left to decide (the default).
+#: The share of the memory available at start that the features may fill when neither
+#: ``--cache``/``--no-cache`` nor ``--cache-gib`` say (the default).
 CACHE_MEMORY_SHARE = 0.25
 
 
@@ -58,25 +59,35 @@ def load_fold(settings: TrainSettings, options: RunOptions, hierarchy: Hierarchy
             tables[split], options.features, hierarchy, feature_dim=train_set.feature_dim
         )
     # train and val are read every epoch; test once, at the end, so it is never kept
-    if use_cache(options, datasets["train"].feature_bytes + datasets["val"].feature_bytes):
-        datasets["train"].keep_in_memory()
-        datasets["val"].keep_in_memory()
+    feature_bytes = datasets["train"].feature_bytes + datasets["val"].feature_bytes
+    limit = cache_budget(options, feature_bytes)
+    if limit > 0:
+        budget = CacheBudget(limit)
+        datasets["train"].keep_in_memory(budget)
+        datasets["val"].keep_in_memory(budget)
     return FoldData(tables, datasets, excluded)
 
 
-def use_cache(options: RunOptions, feature_bytes: int) -> bool:
-    """Whether to keep the features read every epoch in memory: as ``--cache``/``--no-cache`` say,
-    else when they fit a quarter of the available memory and no loader workers run (a
-    worker's copy dies with the epoch's loader). Every epoch then reads no file."""
-    if options.cache is not None:
-        return options.cache
-    if options.num_workers > 0:
-        return False
-    available = available_memory()
-    cache = feature_bytes <= CACHE_MEMORY_SHARE * available
+def cache_budget(options: RunOptions, feature_bytes: int) -> float:
+    """Bytes of train and val features to keep in memory after their first read (0: none):
+    ``--cache-gib``, else all with ``--cache``, none with ``--no-cache`` or loader workers
+    (a worker's copy dies with the epoch's loader), else up to a quarter of the available
+    memory. Bags beyond the budget are read from their file every epoch, ahead of the
+    model (:func:`hmil.training.loop.epoch_loader`), so a cohort of any size trains in
+    bounded memory."""
+    if options.cache is False or (options.num_workers > 0 and options.cache is not True):
+        return 0.0
+    if options.cache_gib is not None:
+        limit = options.cache_gib * 2**30
+    elif options.cache:
+        limit = math.inf
+    else:
+        limit = CACHE_MEMORY_SHARE * available_memory()
+    share = 1.0 if feature_bytes <= limit else limit / feature_bytes
     log.info(
-        "%s features in memory (%.2f GiB; %.1f GiB available)",
-        "keeping" if cache else "not keeping (over a quarter of the memory)",
-        feature_bytes / 2**30, available / 2**30,
+        "keeping %.0f %% of the %.2f GiB of train and val features in memory "
+        "(budget %s); the rest is read every epoch",
+        100 * share, feature_bytes / 2**30,
+        "none" if limit == math.inf else f"{limit / 2**30:.2f} GiB",
     )  # fmt: skip
-    return cache
+    return limit

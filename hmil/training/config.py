@@ -63,7 +63,8 @@ class RunOptions:
     out: Path
     device: str = "cpu"
     num_workers: int = 0
-    cache: bool | None = None  # None: when the features fit in memory and num_workers is 0
+    cache: bool | None = None  # None: up to the budget below, when num_workers is 0
+    cache_gib: float | None = None  # None: a quarter of the available memory
     strict: bool = False  # fail on flagged feature files instead of leaving their slides out
     restart_if_changed: bool = False
     on_error: str = "fail"  # or record: a failure becomes the fold's outputs

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from hmil.data.bags import BagDataset, collate_bags
+from hmil.data.prefetch import Prefetched
 from hmil.training.losses import HMILLoss
 
 
@@ -36,7 +37,7 @@ def epoch_loader(
     num_workers: int,
     pin_memory: bool = False,
     balanced: bool = False,
-) -> DataLoader:
+) -> DataLoader | Prefetched:
     """Bags in batches of ``batch_bags``; shuffled with a generator seeded by (seed, epoch)
     when ``seed`` is given, so the order of epoch e does not depend on a resume.
     ``balanced`` (training only) draws len(dataset) bags with replacement, each fine class
@@ -50,7 +51,7 @@ def epoch_loader(
         sampler = WeightedRandomSampler(
             class_balanced_weights(dataset.fine_labels), len(dataset), generator=generator
         )
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_bags,
         shuffle=seed is not None and sampler is None,
@@ -60,6 +61,8 @@ def epoch_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
     )
+    # without worker processes, a thread reads the next bags while the model computes
+    return loader if num_workers > 0 else Prefetched(loader)
 
 
 def class_balanced_weights(labels) -> torch.Tensor:
@@ -116,7 +119,7 @@ def train_epoch(
     model: nn.Module,
     loss_fn: HMILLoss,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
+    loader: DataLoader | Prefetched,
     epoch: int,
     device: torch.device,
     step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,

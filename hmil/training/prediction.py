@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hmil.data.hierarchy import Hierarchy
+from hmil.data.prefetch import Prefetched
 from hmil.training.loop import autocast_context, to_device
 from hmil.training.losses import HMILLoss
 from hmil.training.selection_metrics import classification_metrics
@@ -46,7 +47,7 @@ class SlidePredictions:
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader | Prefetched,
     membership: torch.Tensor,
     device: torch.device,
     loss_fn: HMILLoss | None = None,

@@ -14,7 +14,7 @@ import hmil.data.bags
 import hmil.training.cohort
 from hmil.data.synthetic import SyntheticConfig
 from hmil.train import main
-from hmil.training.cohort import use_cache
+from hmil.training.cohort import cache_budget
 from hmil.training.config import RunOptions
 from hmil.training.loop import drop_instances
 from hmil.training.selection import learning_warnings
@@ -95,18 +95,39 @@ def test_cache_reads_each_file_once_and_gives_the_same_predictions(
     assert set(feature_reads.values()) == {1}
 
 
-def test_features_are_kept_in_memory_only_when_they_fit_and_no_workers_run(monkeypatch, tmp_path):
+def test_a_cache_budget_smaller_than_the_features_keeps_some_and_rereads_the_rest(
+    cohort, reference_run, tmp_path, feature_reads
+):
+    train_table = cohort["table"].loc[cohort["table"]["fold0"] == "train"]
+    one_bag = 40 * SMALL.feature_dim * 4  # the largest bag as float32
+    predictions, log = train(cohort, tmp_path / "budget", "--cache-gib", str(3.5 * one_bag / 2**30))
+    pd.testing.assert_frame_equal(predictions, reference_run[0])
+    pd.testing.assert_frame_equal(log, reference_run[1])
+    reads = [feature_reads[slide_id] for slide_id in train_table["slide_id"]]
+    kept = sum(count == 1 for count in reads)  # read in epoch 1, served from memory since
+    assert 3 <= kept < len(reads)  # at least 3 of the bags fit; not all
+    assert all(count in (1, 3) for count in reads)  # the others read every epoch
+
+
+def test_the_cache_budget_follows_the_options_and_the_available_memory(monkeypatch, tmp_path):
     assert hmil.training.cohort.available_memory() > 2**20  # this machine's, from the OS
 
     def options(**kw):
         return RunOptions(features=tmp_path, splits=tmp_path, hierarchy="h", out=tmp_path, **kw)
 
     monkeypatch.setattr(hmil.training.cohort, "available_memory", lambda: 8 * 2**30)
-    assert use_cache(options(), 2 * 2**30)  # a quarter of 8 GiB
-    assert not use_cache(options(), 2 * 2**30 + 1)
-    assert not use_cache(options(num_workers=2), 1)  # a worker's copy dies with its loader
-    assert use_cache(options(cache=True), 10 * 2**30)  # --cache and --no-cache decide
-    assert not use_cache(options(cache=False), 1)
+    assert cache_budget(options(), 1) == 2 * 2**30  # a quarter of 8 GiB
+    assert cache_budget(options(), 100 * 2**30) == 2 * 2**30  # larger cohorts: part of them
+    assert cache_budget(options(cache_gib=0.5), 100 * 2**30) == 2**29
+    assert cache_budget(options(num_workers=2), 1) == 0  # a worker's copy dies with its loader
+    assert cache_budget(options(cache=True), 10 * 2**30) == math.inf  # --cache: all
+    assert cache_budget(options(cache=False, cache_gib=1.0), 1) == 0  # --no-cache: none
+
+
+def test_cache_gib_refuses_a_negative_budget(cohort, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train(cohort, tmp_path / "bad", "--cache-gib", "-1")
+    assert "--cache-gib: must be ≥ 0, got -1" in capsys.readouterr().err
 
 
 def test_two_loader_workers_give_the_same_result_as_none(cohort, reference_run, tmp_path):
