@@ -86,7 +86,14 @@ def generate(folder: Path, slides: int, dim: int, instances: tuple[int, int]) ->
         with h5py.File(features_dir / f"{slide_id}.h5", "w") as file:
             file.create_dataset("features", data=bag.astype(np.float16))
             file.create_dataset("coords", data=coords.astype(np.int64))
-        rows.append({"slide_id": slide_id, "patient_id": f"p{index:05d}", "label": ISUP[label]})
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "path": f"slides/{slide_id}.svs",  # the sheet's column; no slide is read
+                "patient_id": f"p{index:05d}",
+                "label": ISUP[label],
+            }
+        )
     partial = sheet.with_suffix(".csv.partial")
     pd.DataFrame(rows).to_csv(partial, index=False)
     partial.rename(sheet)

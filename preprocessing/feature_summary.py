@@ -18,9 +18,16 @@ from preprocessing.features.summary import read_unreadable_patches
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m preprocessing.feature_summary", description=__doc__.split("\n")[0]
+        prog="python -m preprocessing.feature_summary",
+        description=__doc__.split("\n")[0],
+        fromfile_prefix_chars="@",
     )
-    parser.add_argument("features", nargs="+", type=Path, help="features h5 files")
+    parser.add_argument(
+        "features",
+        nargs="+",
+        type=Path,
+        help="features h5 files (@FILE: the paths in FILE, one per line)",
+    )
     parser.add_argument(
         "--out", type=Path, required=True, help="CSV of the slides with unreadable patches"
     )

@@ -17,9 +17,16 @@ from preprocessing.slides.summary import read_patch_stats
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m preprocessing.summary", description=__doc__.split("\n")[0]
+        prog="python -m preprocessing.summary",
+        description=__doc__.split("\n")[0],
+        fromfile_prefix_chars="@",
     )
-    parser.add_argument("patches", nargs="+", type=Path, help="patches h5 files")
+    parser.add_argument(
+        "patches",
+        nargs="+",
+        type=Path,
+        help="patches h5 files (@FILE: the paths in FILE, one per line)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="per-slide statistics CSV")
     parser.add_argument("--failed", type=Path, required=True, help="CSV of failed or empty slides")
     args = parser.parse_args(argv)

@@ -65,11 +65,13 @@ rule feature_summary:
     conda:
         "../../envs/features.yaml"
     params:
-        features=[
+        module="preprocessing.feature_summary",
+        files=[
             f"{OUTDIR}/features/{encoder}/{slide}.h5"
             for encoder in EXTRACTED_ENCODERS
             for slide in SLIDE_IDS
         ],
-    shell:
-        "python -m preprocessing.feature_summary {params.features:q} --out {output:q}"
-        " 2>&1 | tee {log:q}"
+        options=lambda wildcards, output: ["--out", output[0]],
+    script:
+        # not `shell:`: the list of every slide's file outgrows a shell command
+        "../scripts/run_with_file_list.py"

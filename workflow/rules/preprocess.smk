@@ -49,6 +49,15 @@ rule preprocess_summary:
         f"{OUTDIR}/logs/preprocess_summary.log",
     conda:
         "../../envs/preprocess.yaml"
-    shell:
-        "python -m preprocessing.summary {input:q} --out {output.stats:q}"
-        " --failed {output.failed:q} 2>&1 | tee {log:q}"
+    params:
+        module="preprocessing.summary",
+        files=lambda wildcards, input: input,
+        options=lambda wildcards, output: [
+            "--out",
+            output.stats,
+            "--failed",
+            output.failed,
+        ],
+    script:
+        # not `shell:`: the list of every slide's file outgrows a shell command
+        "../scripts/run_with_file_list.py"
