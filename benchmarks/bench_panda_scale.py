@@ -154,6 +154,7 @@ def bench_size(args: argparse.Namespace, slides: int) -> dict:
                  "--restart-if-changed"], args.threads,
             )  # fmt: skip
             record["epoch_seconds"] = epoch_seconds(out)
+            print(f"     {record}", flush=True)
             fold_runs.append(record)
         result["train"][model] = fold_runs
         print(f"   evaluate {model}", flush=True)

