@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from plumbing.errors import PipelineError
-from plumbing.settings import BadValue, flag_of, is_switch, non_negative, option_fields
+from plumbing.settings import BadValue, flag_of, is_switch, option_fields
 
 log = logging.getLogger("hmil")
 
@@ -42,10 +42,6 @@ def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(str(error)) from None
 
     return parse_option
-
-
-#: argparse type of a count that may be 0 (e.g. bootstrap resamples: 0 means none).
-non_negative_int = argparse_type(non_negative)
 
 
 def add_options(parser: Any, settings: type) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from hmil.data.split_settings import SplitSettings
+from hmil.evaluation.settings import BootstrapSettings, DeploySettings, HeatmapSettings
 from plumbing.cli import add_options
 from plumbing.settings import option_fields, option_words, schema_entry
 
@@ -60,3 +61,33 @@ def test_the_split_section_becomes_the_commands_options_and_parses_back():
     args = vars(parser.parse_args(" ".join(words).split()))
     del section["from_hmil_pkls"]  # an option of its own: not a setting
     assert args == section | {"test_fraction": 0.1}
+
+
+def test_the_schema_holds_every_evaluation_setting_as_declared():
+    expected = declared(BootstrapSettings, HeatmapSettings)
+    # the workflow's own choice: no thumbnail under 128 px (the command draws any size)
+    expected["heatmap_size"]["minimum"] = 128
+    assert schema_section("evaluation") == expected
+
+
+def test_deployment_takes_the_evaluations_settings_and_its_section_holds_none():
+    # the deploy section lists cohorts (a name and a slide sheet: where, not how)
+    cohort = SCHEMA["deploy"]["items"]["properties"]
+    assert set(cohort) == {"name", "slides"}
+    # its rule passes the evaluation section's bootstrap; the device is not in the config
+    # (the deploy jobs ask for no GPU), so the command's default, cpu, holds
+    expected = declared(DeploySettings)
+    assert expected.pop("device") == {"type": "string", "enum": ["cpu", "cuda"], "default": "cpu"}
+    assert expected == declared(BootstrapSettings)
+    evaluation = {"bootstrap": 50, "seed": 3, "heatmap_top_k": 8, "heatmap_size": 640}
+    assert option_words(evaluation, DeploySettings) == ["--bootstrap 50", "--seed 3"]
+
+
+def test_the_evaluation_section_becomes_each_commands_options_and_parses_back():
+    evaluation = {"bootstrap": 50, "seed": 3, "heatmap_top_k": 8, "heatmap_size": 640}
+    words = option_words(evaluation, BootstrapSettings) + option_words(evaluation, HeatmapSettings)
+    assert words == ["--bootstrap 50", "--seed 3", "--top-k 8", "--thumbnail-size 640"]
+    parser = argparse.ArgumentParser()
+    add_options(parser, BootstrapSettings)
+    add_options(parser, HeatmapSettings)
+    assert vars(parser.parse_args(" ".join(words).split())) == evaluation

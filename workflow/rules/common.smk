@@ -14,6 +14,11 @@ from snakemake.utils import validate
 try:
     from hmil.data.published_splits import PublishedSplitError, published_split_files
     from hmil.data.split_settings import SplitSettings
+    from hmil.evaluation.settings import (
+        BootstrapSettings,
+        DeploySettings,
+        HeatmapSettings,
+    )
     from hmil.training.settings import setting_flags
     from plumbing.errors import SheetError
     from plumbing.gpu_claim import detected_gpu_count
