@@ -52,6 +52,8 @@ def add_options(parser: Any, settings: type) -> None:
         meta = spec.metadata
         kwargs: dict[str, Any] = {"help": meta["help"]}
         if is_switch(spec):
+            if spec.default is not False:
+                raise TypeError(f"{spec.name}: a yes/no option is off unless given")
             kwargs["action"] = "store_true"
         elif spec.default is not dataclasses.MISSING:
             kwargs["default"] = spec.default

@@ -107,7 +107,7 @@ SCHEMA_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "
 def schema_entry(spec: dataclasses.Field) -> dict[str, Any]:
     """The workflow config schema's entry of the option field ``spec``: its type, default
     (None: the command's own, so none), choices and :class:`Bounded` bounds."""
-    kind = str(spec.type).removesuffix(" | None")
+    kind = (spec.type if isinstance(spec.type, str) else spec.type.__name__).removesuffix(" | None")
     entry: dict[str, Any] = {"type": SCHEMA_TYPES[kind]}
     if spec.metadata["choices"] is not None:
         entry["enum"] = list(spec.metadata["choices"])
