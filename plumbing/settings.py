@@ -57,13 +57,13 @@ class Bounded:
         except ValueError:
             expected = "a whole number" if self.kind is int else "a number"
             raise BadValue(f"expected {expected}, got {value!r}") from None
-        for bound, refused, sign in (
-            (self.minimum, lambda b: number < b, "≥"),
-            (self.above, lambda b: number <= b, ">"),
-            (self.maximum, lambda b: number > b, "≤"),
-            (self.below, lambda b: number >= b, "<"),
+        for bound, holds, sign in (  # written as what holds, so that NaN holds none
+            (self.minimum, lambda b: number >= b, "≥"),
+            (self.above, lambda b: number > b, ">"),
+            (self.maximum, lambda b: number <= b, "≤"),
+            (self.below, lambda b: number < b, "<"),
         ):
-            if bound is not None and refused(bound):
+            if bound is not None and not holds(bound):
                 raise BadValue(f"must be {sign} {bound}, got {number}")
         return number
 

@@ -37,6 +37,8 @@ def test_bounds_refuse_out_of_range_text_in_one_line():
     with pytest.raises(BadValue, match=r"must be < 1, got 1\.0"):
         share("1")
     assert Bounded(float, minimum=0, maximum=1)("1") == 1.0
+    with pytest.raises(BadValue, match="must be ≥ 0, got nan"):
+        Bounded(float, minimum=0)("nan")
 
 
 def test_a_switch_is_a_bare_flag_on_the_command_line_and_in_a_rules_words():
