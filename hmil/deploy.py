@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from hmil.evaluation.cli_options import add_bootstrap_options
 from hmil.evaluation.deploy import deploy
 from hmil.evaluation.deploy_inputs import DeployConfig, DeployError
-from plumbing.cli import config_from_args, run_cli, setup_logging
+from hmil.evaluation.settings import DeploySettings
+from plumbing.cli import add_options, config_from_args, run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,13 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cohort", default="external", help="cohort name shown in the outputs")
-    add_bootstrap_options(parser)
+    add_options(parser, DeploySettings)  # the bootstrap, and the device
     parser.add_argument(
         "--strict", action="store_true",
         help="a failed or missing fold, or a slide without usable features, is an error "
         "(default: left out and named in the outputs)",
     )  # fmt: skip
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 

@@ -28,10 +28,10 @@ import argparse
 import re
 from pathlib import Path
 
-from hmil.evaluation.cli_options import add_bootstrap_options
 from hmil.evaluation.cross_validation import EvaluationConfig, evaluate_run
 from hmil.evaluation.report import headline_text
-from plumbing.cli import config_from_args, run_cli, setup_logging
+from hmil.evaluation.settings import BootstrapSettings
+from plumbing.cli import add_options, config_from_args, run_cli, setup_logging
 
 # ---- command line ----------------------------------------------------------------------------
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="fold directories of one run"
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    add_bootstrap_options(parser)
+    add_options(parser, BootstrapSettings)
     parser.add_argument(
         "--strict", action="store_true", help="a fold without predictions.csv is an error"
     )

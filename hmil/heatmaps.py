@@ -41,16 +41,10 @@ import argparse
 from pathlib import Path
 
 from hmil.evaluation.heatmap_drawing import HeatmapConfig, HeatmapParams, draw_heatmaps
-from plumbing.cli import run_cli, setup_logging
+from hmil.evaluation.settings import HeatmapSettings
+from plumbing.cli import add_options, run_cli, setup_logging
 
 # ---- command line ----------------------------------------------------------------------------
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patches", type=Path, required=True, help="folder of <slide_id>.h5")
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
     parser.add_argument("--slides-only", nargs="+", metavar="ID", help="draw only these slides")
-    parser.add_argument("--thumbnail-size", type=_positive_int, default=1024, help="px")
-    parser.add_argument(
-        "--top-k", type=_positive_int, default=16, help="patches in each top-attention montage"
-    )
+    add_options(parser, HeatmapSettings)  # --top-k, --thumbnail-size
     parser.add_argument("--predictions", type=Path, help="predictions.csv of the same run")
     parser.add_argument(
         "--geojson",
@@ -86,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         patches_dir=args.patches,
         out=args.out,
         params=HeatmapParams(
-            thumbnail_size=args.thumbnail_size, top_k=args.top_k, geojson=args.geojson
+            thumbnail_size=args.heatmap_size, top_k=args.heatmap_top_k, geojson=args.geojson
         ),
         slides_only=tuple(args.slides_only) if args.slides_only else None,
         predictions=args.predictions,

@@ -29,8 +29,8 @@ from hmil.data.split_files import (
     write_published_splits,
     write_splits,
 )
-from hmil.data.splits import PROTOCOLS
-from plumbing.cli import config_from_args, run_cli, setup_logging
+from hmil.data.split_settings import SplitSettings
+from plumbing.cli import add_options, config_from_args, run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,15 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Patient-grouped, label-stratified splits of a slide sheet (DATA_SPLIT.csv).",
     )
     parser.add_argument("sheet", type=Path, help="slide sheet CSV (slide_id, patient_id, label)")
-    parser.add_argument(
-        "--folds",
-        type=int,
-        help="folds (kfold) or repeats; with --from-hmil-pkls, the published splits expected",
-    )
     parser.add_argument("--out", type=Path, required=True, help="DATA_SPLIT.csv to write")
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the split (the split depends on nothing else)"
-    )
     parser.add_argument("--hierarchy", help="hierarchy YAML or preset name (checks labels)")
     parser.add_argument(
         "--from-hmil-pkls",
@@ -56,24 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the HMIL authors' published splits ({train,val,test}_splits_{k}.pkl in "
         "DIR) instead of making new ones; --seed, --protocol and the fractions do not apply",
     )
-    parser.add_argument(
-        "--protocol", choices=PROTOCOLS, default="kfold",
-        help="kfold: patient-grouped stratified k-fold; repeated: the paper's random 80/10/10",
-    )  # fmt: skip
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="kfold: of each fold's non-test patients; repeated: of all patients",
-    )
-    parser.add_argument(
-        "--test-fraction", type=float, default=0.1, help="repeated: test share of the patients"
-    )
-    parser.add_argument(
-        "--allow-sparse-classes",
-        action="store_true",
-        help="warn instead of failing when a class is too small for every part of every fold",
-    )
+    add_options(parser, SplitSettings)  # how the patients are dealt into folds
     parser.add_argument(
         "--clam-dir",
         type=Path,

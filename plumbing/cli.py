@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from plumbing.errors import PipelineError
-from plumbing.settings import BadValue, flag_of, non_negative, option_fields
+from plumbing.settings import BadValue, flag_of, is_switch, option_fields
 
 log = logging.getLogger("hmil")
 
@@ -44,17 +44,18 @@ def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse_option
 
 
-#: argparse type of a count that may be 0 (e.g. bootstrap resamples: 0 means none).
-non_negative_int = argparse_type(non_negative)
-
-
 def add_options(parser: Any, settings: type) -> None:
     """An option per option field of the dataclass ``settings`` (:mod:`plumbing.settings`),
-    its default the field's; parsed under the field's name."""
+    its default the field's; parsed under the field's name. A yes/no field is a bare flag
+    (store_true), so it defaults to False."""
     for spec in option_fields(settings):
         meta = spec.metadata
         kwargs: dict[str, Any] = {"help": meta["help"]}
-        if spec.default is not dataclasses.MISSING:
+        if is_switch(spec):
+            if spec.default is not False:
+                raise TypeError(f"{spec.name}: a yes/no option is off unless given")
+            kwargs["action"] = "store_true"
+        elif spec.default is not dataclasses.MISSING:
             kwargs["default"] = spec.default
         if meta["parse"] in (int, float):
             kwargs["type"] = meta["parse"]
@@ -65,7 +66,7 @@ def add_options(parser: Any, settings: type) -> None:
         flag = flag_of(spec)
         if flag != "--" + spec.name.replace("_", "-"):
             kwargs["dest"] = spec.name
-            if meta["choices"] is None:
+            if meta["choices"] is None and not is_switch(spec):
                 kwargs["metavar"] = flag.removeprefix("--").replace("-", "_").upper()
         parser.add_argument(flag, **kwargs)
 

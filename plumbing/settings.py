@@ -39,6 +39,41 @@ def non_negative_float(value: str) -> float:
     return number
 
 
+@dataclasses.dataclass(frozen=True)
+class Bounded:
+    """A number read from text and checked against its bounds (``minimum``/``maximum``
+    inclusive, ``above``/``below`` exclusive). The bounds are data, not code, so that the
+    workflow's config schema can be held equal to them (:func:`schema_entry`)."""
+
+    kind: type  # int or float
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    below: float | None = None
+
+    def __call__(self, value: str) -> int | float:
+        try:
+            number = self.kind(value)
+        except ValueError:
+            expected = "a whole number" if self.kind is int else "a number"
+            raise BadValue(f"expected {expected}, got {value!r}") from None
+        for bound, holds, sign in (  # written as what holds, so that NaN holds none
+            (self.minimum, lambda b: number >= b, "≥"),
+            (self.above, lambda b: number > b, ">"),
+            (self.maximum, lambda b: number <= b, "≤"),
+            (self.below, lambda b: number < b, "<"),
+        ):
+            if bound is not None and not holds(bound):
+                raise BadValue(f"must be {sign} {bound}, got {number}")
+        return number
+
+    def schema(self) -> dict[str, Any]:
+        """The bounds as JSON-schema keywords."""
+        keywords = {"minimum": self.minimum, "maximum": self.maximum,
+                    "exclusiveMinimum": self.above, "exclusiveMaximum": self.below}  # fmt: skip
+        return {key: bound for key, bound in keywords.items() if bound is not None}
+
+
 def option(
     help: str,
     *,
@@ -60,11 +95,38 @@ def flag_of(spec: dataclasses.Field) -> str:
     return spec.metadata["flag"] or "--" + spec.name.replace("_", "-")
 
 
+def is_switch(spec: dataclasses.Field) -> bool:
+    """A yes/no field: its option is a bare flag, off unless given."""
+    return spec.type in ("bool", bool)
+
+
+#: JSON-schema type of each field type a setting may have.
+SCHEMA_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
+
+
+def schema_entry(spec: dataclasses.Field) -> dict[str, Any]:
+    """The workflow config schema's entry of the option field ``spec``: its type, default
+    (None: the command's own, so none), choices and :class:`Bounded` bounds."""
+    kind = (spec.type if isinstance(spec.type, str) else spec.type.__name__).removesuffix(" | None")
+    entry: dict[str, Any] = {"type": SCHEMA_TYPES[kind]}
+    if spec.metadata["choices"] is not None:
+        entry["enum"] = list(spec.metadata["choices"])
+    if isinstance(spec.metadata["parse"], Bounded):
+        entry.update(spec.metadata["parse"].schema())
+    if spec.default is not None and spec.default is not dataclasses.MISSING:
+        entry["default"] = spec.default
+    return entry
+
+
 def option_words(section: Mapping[str, Any], settings: type) -> list[str]:
     """``--flag value`` for each option field of ``settings`` that the workflow config's
-    ``section`` gives (None or absent: left to the command's default), in field order."""
-    return [
-        f"{flag_of(spec)} {section[spec.name]}"
-        for spec in option_fields(settings)
-        if section.get(spec.name) is not None
-    ]
+    ``section`` gives (None or absent: left to the command's default), in field order; a
+    yes/no field is its bare flag when the section says yes, nothing otherwise."""
+    words = []
+    for spec in option_fields(settings):
+        value = section.get(spec.name)
+        if is_switch(spec):
+            words += [flag_of(spec)] if value else []
+        elif value is not None:
+            words.append(f"{flag_of(spec)} {value}")
+    return words

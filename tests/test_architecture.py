@@ -14,7 +14,7 @@ PACKAGES = ("plumbing", "preprocessing", "hmil")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # Helpers of the command modules that live beside the cores they describe.
-EDGE_HELPERS = {"plumbing.cli", "hmil.evaluation.cli_options"}
+EDGE_HELPERS = {"plumbing.cli"}
 
 
 def module_name(path: Path) -> str:

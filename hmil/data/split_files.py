@@ -28,6 +28,7 @@ from hmil.data.published_splits import (
     published_fold_table,
     read_published_splits,
 )
+from hmil.data.split_settings import SplitSettings
 from hmil.data.splits import (
     PARTS,
     SplitError,
@@ -44,9 +45,11 @@ from preprocessing.slides.sheet import read_slide_sheet
 log = logging.getLogger("hmil.splits")
 
 
-@dataclass(frozen=True)
-class SplitConfig:
-    """One DATA_SPLIT to make: the sheet, how it is split, where the files go.
+@dataclass(frozen=True, kw_only=True)
+class SplitConfig(SplitSettings):
+    """One DATA_SPLIT to make: the sheet, how it is split (the settings,
+    :class:`~hmil.data.split_settings.SplitSettings`; ``folds`` is required), where the
+    files go.
 
     Checked when made, so that parameters no sheet can be split with are refused before a
     file is read; like every error of a split, the message names the sheet.
@@ -54,16 +57,12 @@ class SplitConfig:
 
     sheet: Path
     out: Path  #: DATA_SPLIT.csv; the sidecar is the same path with .json
-    folds: int  #: folds (kfold) or repeats
-    seed: int = 0
     hierarchy: str | None = None  #: YAML path or preset name; checks the labels
-    protocol: str = "kfold"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    allow_sparse_classes: bool = False
     clam_dir: Path | None = None  #: also write the folds in CLAM's layout here
 
     def __post_init__(self) -> None:
+        if self.folds is None:
+            raise SplitError(f"{self.sheet}: --folds is required")
         try:
             check_parameters(
                 self.folds, self.seed, self.protocol, self.val_fraction, self.test_fraction

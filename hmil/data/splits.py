@@ -31,12 +31,12 @@ import numpy as np
 import pandas as pd
 
 from hmil.data.hierarchy import Hierarchy, label_name
+from hmil.data.split_settings import PROTOCOLS
 from plumbing.errors import PipelineError
 
 log = logging.getLogger("hmil.splits")
 
 PARTS = ("train", "val", "test")
-PROTOCOLS = ("kfold", "repeated")
 #: How to accept classes too small for every part of every fold, from the command line and
 #: from the workflow (which cannot pass the flag itself).
 SPARSE_HINT = (

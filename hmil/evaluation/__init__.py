@@ -18,5 +18,6 @@ slide of a run, :mod:`~hmil.evaluation.heatmap_inputs` reads the attention and p
 :mod:`~hmil.evaluation.attention_maps` paints attention over a thumbnail (pure numpy),
 :mod:`~hmil.evaluation.heatmap_figures` draws the figures and :mod:`~hmil.evaluation.qupath`
 writes the patches as QuPath tiles.
-:mod:`~hmil.evaluation.cli_options` holds the bootstrap options evaluate and predict share.
+:mod:`~hmil.evaluation.settings` declares the settings of evaluation, deployment and heatmaps
+(the bootstrap evaluate and deploy share).
 """

@@ -13,6 +13,7 @@ from typing import Any
 
 from hmil.evaluation.outputs import write_failed_outputs, write_outputs
 from hmil.evaluation.runs import NoFoldError, load_folds, run_identity
+from hmil.evaluation.settings import BootstrapSettings
 from hmil.evaluation.summary import Evaluation, evaluate
 
 #: The figures the workflow expects of an evaluation, drawn as cards when it failed.
@@ -21,14 +22,13 @@ FAILED_FIGURES = ["training_curves.png"] + [
 ]
 
 
-@dataclass(frozen=True)
-class EvaluationConfig:
-    """The folds of one run and where its evaluation goes; built once from the command line."""
+@dataclass(frozen=True, kw_only=True)
+class EvaluationConfig(BootstrapSettings):
+    """The folds of one run, where its evaluation goes and its bootstrap
+    (:class:`~hmil.evaluation.settings.BootstrapSettings`); built once from the command line."""
 
     run_dirs: tuple[Path, ...]
     out: Path
-    bootstrap: int = 1000  #: resamples of patients (0: no CI)
-    seed: int = 0
     strict: bool = False  #: a fold that cannot be evaluated is an error
     record_failure: bool = False  #: no fold at all: write a failed evaluation, do not fail
     name: str | None = None  #: ENCODER/MODEL; default from the paths

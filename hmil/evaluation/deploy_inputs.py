@@ -23,6 +23,7 @@ from hmil.data.bags import (
 from hmil.data.feature_record import read_feature_record, record_mismatch
 from hmil.data.hierarchy import Hierarchy, HierarchyError
 from hmil.evaluation.fold_models import FoldModel
+from hmil.evaluation.settings import DeploySettings
 from plumbing.errors import PipelineError
 from preprocessing.slides.sheet import read_slide_sheet
 
@@ -33,19 +34,18 @@ class DeployError(PipelineError):
     """Deployment cannot run as asked (wrong features, unknown label, nothing to predict)."""
 
 
-@dataclass(frozen=True)
-class DeployConfig:
-    """Everything a deployment needs; built once from the command line."""
+@dataclass(frozen=True, kw_only=True)
+class DeployConfig(DeploySettings):
+    """Everything a deployment needs: its settings
+    (:class:`~hmil.evaluation.settings.DeploySettings`), the runs, the cohort and where the
+    outputs go; built once from the command line."""
 
     run_dirs: tuple[Path, ...]
     sheet: Path
     features_dir: Path
     out: Path
     cohort: str = "external"
-    bootstrap: int = 1000
-    seed: int = 0
     strict: bool = False
-    device: str = "cpu"
 
     def params(self) -> dict[str, Any]:
         return {

@@ -46,6 +46,7 @@ from hmil.evaluation.heatmap_inputs import (
     read_slide_attention,
 )
 from hmil.evaluation.qupath import attention_measurements, tiles_feature_collection
+from hmil.evaluation.settings import HeatmapSettings
 from plumbing.atomic import atomic_outputs
 from plumbing.errors import SlideError
 from plumbing.provenance import code_version
@@ -59,8 +60,8 @@ log = logging.getLogger("hmil.heatmaps")
 class HeatmapParams:
     """How each slide is drawn."""
 
-    thumbnail_size: int = 1024
-    top_k: int = 16
+    thumbnail_size: int = HeatmapSettings.heatmap_size  #: longest side, px
+    top_k: int = HeatmapSettings.heatmap_top_k  #: patches in each top-attention montage
     geojson: bool = False  #: also write <slide_id>.geojson for QuPath
 
 

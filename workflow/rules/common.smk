@@ -13,6 +13,12 @@ from snakemake.utils import validate
 # Snakemake has it (pyproject.toml lists Snakemake among its dependencies).
 try:
     from hmil.data.published_splits import PublishedSplitError, published_split_files
+    from hmil.data.split_settings import SplitSettings
+    from hmil.evaluation.settings import (
+        BootstrapSettings,
+        DeploySettings,
+        HeatmapSettings,
+    )
     from hmil.training.settings import setting_flags
     from plumbing.errors import SheetError
     from plumbing.gpu_claim import detected_gpu_count
@@ -355,15 +361,8 @@ def split_arguments(wildcards):
     """hmil.splits options: the published splits, or how to make new ones."""
     if PUBLISHED_SPLITS:
         return f"--from-hmil-pkls {shlex.quote(PUBLISHED_SPLITS)} --folds {len(FOLDS)}"
-    args = [
-        f"--folds {SPLITS['folds']}",
-        f"--seed {SPLITS['seed']}",
-        f"--val-fraction {SPLITS['val_fraction']}",
-        f"--protocol {SPLITS['protocol']}",
-    ]
-    if SPLITS["allow_sparse_classes"]:
-        args.append("--allow-sparse-classes")
-    return " ".join(args)
+    # each split setting of the config (hmil/data/split_settings.py)
+    return " ".join(option_words(SPLITS, SplitSettings))
 
 
 def training_arguments(wildcards, input):

@@ -80,13 +80,13 @@ rule deploy:
         runs=lambda wildcards: " ".join(run_dirs(wildcards.encoder, wildcards.model)),
         features=lambda wildcards: f"{deploy_dir(wildcards)}/features/{wildcards.encoder}",
         out=subpath(output.predictions, parent=True),
-        bootstrap=EVALUATION["bootstrap"],
-        seed=EVALUATION["seed"],
+        # the evaluation's bootstrap settings (hmil/evaluation/settings.py)
+        settings=" ".join(option_words(EVALUATION, DeploySettings)),
         strict="--strict" if config["strict"] else "",
     shell:
         "python -m hmil.deploy {params.runs} --slides {input.sheet:q}"
         " --features {params.features:q} --out {params.out:q} --cohort {wildcards.cohort}"
-        " --bootstrap {params.bootstrap} --seed {params.seed} {params.strict} > {log:q} 2>&1"
+        " {params.settings} {params.strict} > {log:q} 2>&1"
 
 
 use rule heatmaps as deploy_heatmaps with:
@@ -108,5 +108,4 @@ use rule heatmaps as deploy_heatmaps with:
         f"{OUTDIR}/logs/deploy/{{cohort}}/heatmaps/{{encoder}}/{{model}}.log",
     params:
         patches=lambda wildcards, input: Path(input.patches[0]).parent,
-        top_k=EVALUATION["heatmap_top_k"],
-        size=EVALUATION["heatmap_size"],
+        settings=" ".join(option_words(EVALUATION, HeatmapSettings)),

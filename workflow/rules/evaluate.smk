@@ -28,13 +28,13 @@ rule evaluate:
     params:
         runs=lambda wildcards: " ".join(run_dirs(wildcards.encoder, wildcards.model)),
         out=subpath(output.summary, parent=True),
-        bootstrap=EVALUATION["bootstrap"],
-        seed=EVALUATION["seed"],
         on_error="--strict" if config["strict"] else "--on-error record",
+        # the bootstrap settings (hmil/evaluation/settings.py)
+        settings=" ".join(option_words(EVALUATION, BootstrapSettings)),
     shell:
         "python -m hmil.evaluate {params.runs} --out {params.out:q}"
         " --name {wildcards.encoder}/{wildcards.model} {params.on_error}"
-        " --bootstrap {params.bootstrap} --seed {params.seed} > {log:q} 2>&1"
+        " {params.settings} > {log:q} 2>&1"
 
 
 rule heatmaps:
@@ -62,12 +62,12 @@ rule heatmaps:
     params:
         # made before attention.h5: the patches files, or an import's features files
         patches=heatmap_geometry,
-        top_k=EVALUATION["heatmap_top_k"],
-        size=EVALUATION["heatmap_size"],
+        # --top-k and --thumbnail-size (hmil/evaluation/settings.py)
+        settings=" ".join(option_words(EVALUATION, HeatmapSettings)),
     shell:
         "python -m hmil.heatmaps {input.attention:q} --slides {input.sheet:q}"
         " --patches {params.patches:q} --predictions {input.predictions:q}"
-        " --top-k {params.top_k} --thumbnail-size {params.size} --geojson"
+        " {params.settings} --geojson"
         " --out {output:q} > {log:q} 2>&1"
 
 
