@@ -8,6 +8,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from plumbing.errors import PipelineError
@@ -27,6 +28,16 @@ def config_from_args(config_type: type[Config], args: argparse.Namespace, **valu
     """
     names = [field.name for field in dataclasses.fields(config_type) if field.name not in values]
     return config_type(**{name: getattr(args, name) for name in names}, **values)
+
+
+def file_list_parser(prog: str, description: str, files: str, what: str) -> argparse.ArgumentParser:
+    """A command's parser whose positional ``files`` takes many paths, also as ``@FILE`` (one
+    per line): a cohort's list outgrows what one command line may hold."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, fromfile_prefix_chars="@")
+    parser.add_argument(
+        files, nargs="+", type=Path, help=f"{what} (@FILE: the paths in FILE, one per line)"
+    )
+    return parser
 
 
 def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -8,25 +8,19 @@ left out of training. Without this table such a slide is visible only in its job
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from plumbing.atomic import atomic_outputs
-from plumbing.cli import run_cli, setup_logging
+from plumbing.cli import file_list_parser, run_cli, setup_logging
 from preprocessing.features.summary import read_unreadable_patches
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m preprocessing.feature_summary",
-        description=__doc__.split("\n")[0],
-        fromfile_prefix_chars="@",
-    )
-    parser.add_argument(
+    parser = file_list_parser(
+        "python -m preprocessing.feature_summary",
+        __doc__.split("\n")[0],
         "features",
-        nargs="+",
-        type=Path,
-        help="features h5 files (@FILE: the paths in FILE, one per line)",
+        "features h5 files",
     )
     parser.add_argument(
         "--out", type=Path, required=True, help="CSV of the slides with unreadable patches"

@@ -7,25 +7,16 @@ which slides were left out and why.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from plumbing.atomic import atomic_outputs
-from plumbing.cli import run_cli, setup_logging
+from plumbing.cli import file_list_parser, run_cli, setup_logging
 from preprocessing.slides.summary import read_patch_stats
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m preprocessing.summary",
-        description=__doc__.split("\n")[0],
-        fromfile_prefix_chars="@",
-    )
-    parser.add_argument(
-        "patches",
-        nargs="+",
-        type=Path,
-        help="patches h5 files (@FILE: the paths in FILE, one per line)",
+    parser = file_list_parser(
+        "python -m preprocessing.summary", __doc__.split("\n")[0], "patches", "patches h5 files"
     )
     parser.add_argument("--out", type=Path, required=True, help="per-slide statistics CSV")
     parser.add_argument("--failed", type=Path, required=True, help="CSV of failed or empty slides")

@@ -140,6 +140,13 @@ def test_cohort_table_lists_degraded_and_failed_slides_with_count_and_fraction(
     assert "2 of 3 feature files left unreadable patches out; 1 of them recorded as failed" in out
     assert "degraded:" in out and "failed:" in out
 
+    # the same files listed in a file (@FILE, as a cohort too large for a command line)
+    listing = tmp_path / "features.txt"
+    listing.write_text(f"{failed}\n{degraded}\n{clean}\n")
+    again = tmp_path / "from_list.csv"
+    assert feature_summary.main([f"@{listing}", "--out", str(again)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(again), table)
+
 
 @pytest.mark.parametrize(
     ("unreadable", "total", "status", "fragment"),
