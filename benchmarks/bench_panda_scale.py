@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -140,6 +141,7 @@ def bench_size(args: argparse.Namespace, slides: int) -> dict:
          "--hierarchy", HIERARCHY, "--out", str(splits)], args.threads,
     )  # fmt: skip
     runs = folder / f"runs_cache{args.cache_gib:g}"
+    shutil.rmtree(runs, ignore_errors=True)  # earlier runs would be skipped, not timed
     result["train"], result["evaluate"] = {}, {}
     evals = []
     for model in args.models:
