@@ -1,6 +1,7 @@
 """What a cohort of thousands of slides needs from every rule: no job's command grows with
-the number of slides. One shell command may hold 128 KiB (Linux's MAX_ARG_STRLEN); a rule
-that put every slide's path on its command line failed from a few thousand slides on."""
+the number of slides. A program's arguments pass through exec, whose limit (ARG_MAX: 2 MiB
+with the environment on Linux) a list of every slide's file reaches at PANDA's size with two
+encoders and long paths."""
 
 import re
 import shutil

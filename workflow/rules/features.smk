@@ -73,5 +73,5 @@ rule feature_summary:
         ],
         options=lambda wildcards, output: ["--out", output[0]],
     script:
-        # not `shell:`: the list of every slide's file outgrows a shell command
+        # not `shell:`: the list of every slide's file outgrows exec's ARG_MAX
         "../scripts/run_with_file_list.py"

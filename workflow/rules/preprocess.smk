@@ -59,5 +59,5 @@ rule preprocess_summary:
             output.failed,
         ],
     script:
-        # not `shell:`: the list of every slide's file outgrows a shell command
+        # not `shell:`: the list of every slide's file outgrows exec's ARG_MAX
         "../scripts/run_with_file_list.py"

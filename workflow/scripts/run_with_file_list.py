@@ -1,7 +1,9 @@
 """Runs a command of the project in this process with the rule's list of files as its
-arguments. A cohort's list (one path per slide and encoder: hundreds of kilobytes at
-10,000 slides) outgrows the 128 KiB one shell command may have (Linux's MAX_ARG_STRLEN),
-so rules that take every slide's file call their module through here, not `shell:`.
+arguments. A cohort's list (one path per slide and encoder) grows with the cohort, and
+whatever runs a program passes its arguments through exec, whose limit (ARG_MAX, 2 MiB
+with the environment on Linux) 20,000 paths of 100 characters reach: PANDA with two
+encoders. So rules that take every slide's file call their module through here, not
+`shell:`.
 
 The rule gives ``params.module`` (its ``main(argv)`` is run as ``python -m`` would),
 ``params.files`` and ``params.options`` (the other words); output goes to the terminal
