@@ -1,13 +1,22 @@
-"""Per-rule conda environments: every rule names one that exists, and each env file pins
-the same versions as constraints.txt (the versions the tests ran with)."""
+"""Per-rule conda environments: every rule names one that exists, each env file pins the
+same versions as constraints.txt (the versions the tests ran with), and a job whose
+environment holds the dependencies but not the project still runs the checkout's code."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import snakemake_command
+from tests.workflow.configs import write_workflow_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RULES = sorted((PROJECT_ROOT / "workflow" / "rules").glob("*.smk"))
@@ -101,3 +110,43 @@ def test_envs_hold_what_their_stage_imports():
     }
     for env in ENVS:
         assert needs[env.name] <= set(env_pins(env)), env.name
+
+
+def environment_without_the_project(folder: Path) -> Path:
+    """A virtual environment that holds every dependency of this one but not the project, as
+    a per-rule conda environment does: its bin folder."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    source = Path(sysconfig.get_paths()["purelib"])
+    target = next(folder.glob("lib/python*/site-packages"))
+    for entry in source.iterdir():
+        if "hmil" not in entry.name.lower():  # the project's install (editable or not)
+            (target / entry.name).symlink_to(entry)
+    return folder / "bin"
+
+
+def test_jobs_import_the_project_from_the_checkout_where_their_environment_lacks_it(
+    tmp_path, fixture_slides
+):
+    bin_dir = environment_without_the_project(tmp_path / "env")
+    # the job's `python` is the environment's; Snakemake clears PYTHONPATH in conda jobs
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    check = subprocess.run(
+        ["python", "-c", "import hmil"], cwd=tmp_path, env=env, capture_output=True
+    )
+    assert b"No module named 'hmil'" in check.stderr  # the environment is as conda makes it
+    sheet = tmp_path / "slides.csv"
+    sheet.write_text(
+        "slide_id,path,patient_id,label\n"
+        + "".join(f"s{i},{fixture_slides / 'cmu_small_region.svs'},p{i},{i % 6}\n"
+                  for i in range(36))
+    )  # fmt: skip
+    shutil.copy(PROJECT_ROOT / "hmil" / "presets" / "hierarchies" / "panda.yaml",
+                tmp_path / "hierarchy.yaml")  # fmt: skip
+    config = write_workflow_config(tmp_path / "config.yaml", sheet, tmp_path / "results")
+    command = snakemake_command(config, "splits")
+    command[command.index("--directory") + 1] = str(tmp_path)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    log = tmp_path / "results" / "logs" / "splits.log"
+    assert done.returncode == 0, log.read_text() if log.exists() else done.stderr[-2000:]
+    assert (tmp_path / "results" / "splits" / "DATA_SPLIT.csv").exists()
