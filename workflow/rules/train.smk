@@ -25,7 +25,11 @@ rule train:
         out=subpath(output.model, parent=True),
         hierarchy=HIERARCHY,
         args=training_arguments,
+    # The feature cache takes half the job's memory (whole GiB), so jobs run side by side
+    # within --resources mem_mb fit; bags beyond it are read every epoch. From resources,
+    # not params: a new memory figure must not mark the models for training again.
     shell:
         "python -m hmil.train --features {params.features:q} --splits {input.splits:q}"
         " --fold {wildcards.fold} --model {wildcards.model} --hierarchy {params.hierarchy:q}"
-        " --out {params.out:q} {params.args} > {log:q} 2>&1"
+        " --out {params.out:q} {params.args} --cache-gib $(({resources.mem_mb} / 2048))"
+        " > {log:q} 2>&1"
