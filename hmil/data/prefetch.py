@@ -11,6 +11,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from torch.utils.data import DataLoader
+
 _END = object()
 
 
@@ -58,3 +60,9 @@ class Prefetched:
         finally:
             stop.set()
             reader.join()
+
+
+def read_ahead(loader: DataLoader) -> Iterable[Any]:
+    """``loader``'s batches, read ahead by a thread when it has no worker processes (which
+    read ahead themselves)."""
+    return Prefetched(loader) if loader.num_workers == 0 else loader

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from hmil.data.bags import BagDataset
 from hmil.data.hierarchy import load_hierarchy
-from hmil.data.prefetch import Prefetched
 from hmil.training.checkpoints import (
     Checkpoint,
     discard_other_settings,
@@ -140,7 +139,7 @@ def run_epochs(
 def train_and_validate(
     fitting: Fitting,
     train_set: BagDataset,
-    val_loader: DataLoader | Prefetched,
+    val_loader: DataLoader,
     membership: torch.Tensor,
     epoch: int,
 ) -> dict[str, float]:

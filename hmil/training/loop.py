@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from hmil.data.bags import BagDataset, collate_bags
-from hmil.data.prefetch import Prefetched
+from hmil.data.prefetch import read_ahead
 from hmil.training.losses import HMILLoss
 
 
@@ -37,7 +37,7 @@ def epoch_loader(
     num_workers: int,
     pin_memory: bool = False,
     balanced: bool = False,
-) -> DataLoader | Prefetched:
+) -> DataLoader:
     """Bags in batches of ``batch_bags``; shuffled with a generator seeded by (seed, epoch)
     when ``seed`` is given, so the order of epoch e does not depend on a resume.
     ``balanced`` (training only) draws len(dataset) bags with replacement, each fine class
@@ -61,8 +61,7 @@ def epoch_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
     )
-    # without worker processes, a thread reads the next bags while the model computes
-    return loader if num_workers > 0 else Prefetched(loader)
+    return loader
 
 
 def class_balanced_weights(labels) -> torch.Tensor:
@@ -119,7 +118,7 @@ def train_epoch(
     model: nn.Module,
     loss_fn: HMILLoss,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader | Prefetched,
+    loader: DataLoader,
     epoch: int,
     device: torch.device,
     step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -139,7 +138,7 @@ def train_epoch(
     sums: dict[str, float] = {}
     num_bags = 0
     num_steps = len(loader)
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(read_ahead(loader)):
         if hasattr(model, "set_training_progress"):
             model.set_training_progress((epoch + step / num_steps) / loss_fn.num_epochs)
         with autocast_context(device):

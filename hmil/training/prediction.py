@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hmil.data.hierarchy import Hierarchy
-from hmil.data.prefetch import Prefetched
+from hmil.data.prefetch import read_ahead
 from hmil.training.loop import autocast_context, to_device
 from hmil.training.losses import HMILLoss
 from hmil.training.selection_metrics import classification_metrics
@@ -47,7 +47,7 @@ class SlidePredictions:
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    loader: DataLoader | Prefetched,
+    loader: DataLoader,
     membership: torch.Tensor,
     device: torch.device,
     loss_fn: HMILLoss | None = None,
@@ -59,7 +59,7 @@ def predict(
     slide_ids, fine_labels, coarse_labels = [], [], []
     fine_probs, coarse_probs, fine_attention, coarse_attention = [], [], [], []
     sums: dict[str, float] = {}
-    for batch in loader:
+    for batch in read_ahead(loader):
         with autocast_context(device):
             outputs = [model(to_device(features, device)) for features in batch.features]
             if loss_fn is not None:
