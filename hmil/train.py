@@ -31,7 +31,7 @@ from hmil.training.fit import fit_fold
 from hmil.training.settings import add_setting_options
 from plumbing.cli import argparse_type, config_from_args, run_cli, setup_logging
 from plumbing.gpu_claim import claim_for_device
-from plumbing.settings import non_negative_float
+from plumbing.settings import Bounded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +146,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache-gib",
-        type=argparse_type(non_negative_float),
+        type=argparse_type(Bounded(float, minimum=0)),
         default=None,
         help="memory the kept features may fill; the rest is read from disk every epoch, "
         "ahead of the model (default: a quarter of the available memory)",

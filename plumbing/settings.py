@@ -28,17 +28,6 @@ def non_negative(value: str) -> int:
     return number
 
 
-def non_negative_float(value: str) -> float:
-    """A size that may be 0 (e.g. a memory budget in GiB: 0 means none)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise BadValue(f"expected a number, got {value!r}") from None
-    if not number >= 0:  # NaN too
-        raise BadValue(f"must be ≥ 0, got {value}")
-    return number
-
-
 @dataclasses.dataclass(frozen=True)
 class Bounded:
     """A number read from text and checked against its bounds (``minimum``/``maximum``

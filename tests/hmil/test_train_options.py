@@ -127,7 +127,7 @@ def test_the_cache_budget_follows_the_options_and_the_available_memory(monkeypat
 def test_cache_gib_refuses_a_negative_budget(cohort, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train(cohort, tmp_path / "bad", "--cache-gib", "-1")
-    assert "--cache-gib: must be ≥ 0, got -1" in capsys.readouterr().err
+    assert "--cache-gib: must be ≥ 0, got -1.0" in capsys.readouterr().err
 
 
 def test_two_loader_workers_give_the_same_result_as_none(cohort, reference_run, tmp_path):
