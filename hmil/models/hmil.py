@@ -87,21 +87,30 @@ class HMIL(nn.Module):
         )
 
 
+#: The share of training over which hmil_mb's readouts move from the slots to the slots
+#: less their mean (docs/method.md, "Variant: a scorer per class row").
+CENTRING_RAMP = 0.5
+
+
 class ClassRowScorer(nn.Module):
-    """One weight vector and one bias per class row: logits[k] = w[k] · slots[k] + b[k].
+    """One weight vector and one bias per class row, each reading its slot less a share c of
+    the mean slot: logits[k] = w[k] · (slots[k] − c · mean_j slots[j]) + b[k].
 
     Unlike HMIL's shared scorer, a row's bias does not cancel (it is the class's own), so
     it trains. Kaiming-normal weights (fan-in = slot width) and zero biases, as
-    :func:`init_kaiming_` gives every Linear layer.
+    :func:`init_kaiming_` gives every Linear layer. c (``centring``) is a buffer, saved with
+    the weights, that :meth:`HMILMB.set_training_progress` sets; 0 reads the slots as they are.
     """
 
     def __init__(self, num_rows: int, slot_dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_rows, slot_dim))
         self.bias = nn.Parameter(torch.zeros(num_rows))
+        self.register_buffer("centring", torch.zeros(()))
         nn.init.kaiming_normal_(self.weight)
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        slots = slots - self.centring * slots.mean(dim=-2, keepdim=True)
         # [num_rows, 1], the shape of a shared Linear(slot_dim, 1)'s output, so that
         # HMIL.forward reads both scorers alike
         return ((slots * self.weight).sum(-1) + self.bias).unsqueeze(-1)
@@ -109,14 +118,22 @@ class ClassRowScorer(nn.Module):
 
 class HMILMB(HMIL):
     """HMIL with a scorer per class row in both branches (named as CLAM-MB names its
-    one-classifier-per-class variant); embeddings, class-wise attention, losses and
-    curriculum are HMIL's.
+    one-classifier-per-class variant) whose readouts learn to see each class slot less the
+    mean slot; embeddings, class-wise attention, losses and curriculum are HMIL's.
 
-    Why: HMIL's shared scorer gives one score direction for every class's slot, so one
-    instance embedding must rank each class's key instances above the background; within
-    the default protocol's 50 epochs it does not (true-row attention on key instances at
-    chance, benchmarks/README.md "Learning check"), and HMIL trails ABMIL. A scorer per row
-    lets each class's attention row and readout specialise.
+    Why a scorer per row: HMIL's shared scorer gives one score direction for every class's
+    slot, so one instance embedding must rank each class's key instances above the
+    background; within the default protocol's 50 epochs it does not (true-row attention on
+    key instances at chance, benchmarks/README.md "Learning check"), and HMIL trails ABMIL.
+    A scorer per row lets each class's attention row and readout specialise.
+
+    Why less the mean slot: an offset shared by every instance of a slide (stain, scanner,
+    site) reaches every slot whole, since each attention row sums to 1; a shared scorer adds
+    the same to every logit (it cancels in the softmax), a scorer per row a different
+    amount per class, and per-row readouts fell to chance under such offsets. Read less the
+    mean slot, the offset cancels. The mean is taken out over the first half of training
+    (:data:`CENTRING_RAMP`): from the first epoch on, the rows would see nothing until
+    their attention differs, and with 256-wide features they never started to.
     See docs/method.md, "Variant: a scorer per class row".
     """
 
@@ -125,6 +142,12 @@ class HMILMB(HMIL):
         fine_dim = self.fine_embedding.out_features
         self.coarse_scorer = ClassRowScorer(num_coarse, in_dim)
         self.fine_scorer = ClassRowScorer(num_fine, fine_dim)
+
+    def set_training_progress(self, progress: float) -> None:
+        """The trainer's call before each step, with the share of training done."""
+        centring = min(1.0, progress / CENTRING_RAMP)
+        self.coarse_scorer.centring.fill_(centring)
+        self.fine_scorer.centring.fill_(centring)
 
 
 @register_model

@@ -52,8 +52,13 @@ def test_hmil_mb_with_every_row_scored_alike_is_hmil(tiny_hierarchy):
     state = {k: v for k, v in hmil.state_dict().items() if "scorer" not in k}
     missing = hmil_mb.load_state_dict(state, strict=False).missing_keys
     assert sorted(missing) == [
-        "coarse_scorer.bias", "coarse_scorer.weight", "fine_scorer.bias", "fine_scorer.weight",
-    ]  # fmt: skip
+        "coarse_scorer.bias",
+        "coarse_scorer.centring",
+        "coarse_scorer.weight",
+        "fine_scorer.bias",
+        "fine_scorer.centring",
+        "fine_scorer.weight",
+    ]  # fmt: skip (centring starts at 0: the slots as they are)
     with torch.no_grad():
         for branch, rows in (("fine", 4), ("coarse", 2)):
             shared = getattr(hmil, f"{branch}_scorer").weight  # [1, width]
@@ -76,6 +81,35 @@ def test_hmil_mb_scores_each_row_with_its_own_weights_and_bias(tiny_hierarchy):
     assert model.fine_scorer.bias.grad.tolist() == [0.0, 0.0, 1.0, 0.0]
     assert model.fine_scorer.weight.grad[[0, 1, 3]].abs().sum() == 0
     assert model.fine_scorer.weight.grad[2].abs().sum() > 0
+
+
+def test_hmil_mb_reads_each_slot_less_the_mean_slot_from_half_way_through_training(
+    tiny_hierarchy,
+):
+    torch.manual_seed(0)
+    model = create_model("hmil_mb", 24, tiny_hierarchy)
+    slots, offset = torch.randn(4, 256), 3 * torch.randn(1, 256)  # one shift for every slot
+    with torch.no_grad():
+        moved = model.fine_scorer(slots + offset) - model.fine_scorer(slots)
+    assert moved.abs().max() > 1e-3  # at the start the rows read the slots as they are
+    for fraction, centring in ((0.0, 0.0), (0.25, 0.5), (0.5, 1.0), (0.9, 1.0)):
+        model.set_training_progress(fraction)
+        assert float(model.fine_scorer.centring) == float(model.coarse_scorer.centring)
+        assert float(model.fine_scorer.centring) == centring
+    with torch.no_grad():  # then the shift cancels in every row
+        torch.testing.assert_close(model.fine_scorer(slots + offset), model.fine_scorer(slots))
+
+
+def test_the_trainer_moves_hmil_mb_to_centred_readouts_and_deployment_keeps_them(cohort, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(cohort, out, epochs=4)) == 0
+    best = json.loads((out / "metrics.json").read_text())["best_epoch"]
+    loaded = load_fold_model(out, torch.device("cpu")).module
+    # set before each of the epoch's 2 steps (8 training bags, 4 a step) with the share of
+    # training done: the best epoch's last step saw (best + 1/2) / 4, the ramp ends at 1/2
+    centring = min(1.0, (best + 0.5) / 4 / 0.5)
+    assert float(loaded.fine_scorer.centring) == centring
+    assert float(loaded.coarse_scorer.centring) == centring
 
 
 @pytest.mark.parametrize("name", MODELS)
