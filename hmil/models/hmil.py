@@ -109,6 +109,11 @@ class ClassRowScorer(nn.Module):
         self.register_buffer("centring", torch.zeros(()))
         nn.init.kaiming_normal_(self.weight)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a model saved before the centring existed read its slots as they are: c = 0
+        state_dict.setdefault(prefix + "centring", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
         slots = slots - self.centring * slots.mean(dim=-2, keepdim=True)
         # [num_rows, 1], the shape of a shared Linear(slot_dim, 1)'s output, so that

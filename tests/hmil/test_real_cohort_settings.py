@@ -52,13 +52,8 @@ def test_hmil_mb_with_every_row_scored_alike_is_hmil(tiny_hierarchy):
     state = {k: v for k, v in hmil.state_dict().items() if "scorer" not in k}
     missing = hmil_mb.load_state_dict(state, strict=False).missing_keys
     assert sorted(missing) == [
-        "coarse_scorer.bias",
-        "coarse_scorer.centring",
-        "coarse_scorer.weight",
-        "fine_scorer.bias",
-        "fine_scorer.centring",
-        "fine_scorer.weight",
-    ]  # fmt: skip (centring starts at 0: the slots as they are)
+        "coarse_scorer.bias", "coarse_scorer.weight", "fine_scorer.bias", "fine_scorer.weight",
+    ]  # fmt: skip
     with torch.no_grad():
         for branch, rows in (("fine", 4), ("coarse", 2)):
             shared = getattr(hmil, f"{branch}_scorer").weight  # [1, width]
@@ -98,6 +93,12 @@ def test_hmil_mb_reads_each_slot_less_the_mean_slot_from_half_way_through_traini
         assert float(model.fine_scorer.centring) == centring
     with torch.no_grad():  # then the shift cancels in every row
         torch.testing.assert_close(model.fine_scorer(slots + offset), model.fine_scorer(slots))
+    # a model saved before the centring existed loads with c = 0: it reads as it did
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("centring")}
+    older = create_model("hmil_mb", 24, tiny_hierarchy)
+    older.set_training_progress(1.0)
+    older.load_state_dict(state)  # strict: nothing missing
+    assert float(older.fine_scorer.centring) == float(older.coarse_scorer.centring) == 0.0
 
 
 def test_the_trainer_moves_hmil_mb_to_centred_readouts_and_deployment_keeps_them(cohort, tmp_path):
