@@ -34,17 +34,6 @@ except ImportError as err:
     ) from None
 
 
-# Jobs import the project from this checkout, inside the per-rule conda environments too:
-# those hold its dependencies, not the project, and Snakemake clears PYTHONPATH there, so
-# the export goes into every job's shell command (after `set -euo pipefail`, Snakemake's
-# own prefix, kept).
-CHECKOUT = os.path.dirname(workflow.basedir)
-shell.prefix(
-    "set -euo pipefail; "
-    f"export PYTHONPATH={shlex.quote(CHECKOUT)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
-)
-
-
 def check_model_names(models, schema_path):
     """One line for an unknown model name, before the schema's many-line enum error."""
     with open(schema_path) as handle:
