@@ -14,7 +14,7 @@ from pathlib import Path
 
 from plumbing.cli import add_options, argparse_type, option_values, run_cli, setup_logging
 from plumbing.errors import PipelineError
-from preprocessing.slides.params import PatchParams, TissueParams, positive
+from preprocessing.slides.params import POSITIVE, PatchParams, TissueParams
 from preprocessing.slides.patching import PatchJob, patch_job
 
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--geojson", type=Path, help="tissue polygons, level-0 px (QuPath)")
     parser.add_argument("--slide-id", help="id recorded in the outputs (default: file stem)")
     parser.add_argument(
-        "--mpp", type=argparse_type(positive), help="level-0 µm/px; overrides the metadata"
+        "--mpp", type=argparse_type(POSITIVE), help="level-0 µm/px; overrides the metadata"
     )
     add_options(parser, PatchParams)  # the grid
     add_options(parser, TissueParams)  # the segmentation

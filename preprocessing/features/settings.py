@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from plumbing.settings import BadValue, non_negative, option
+from plumbing.settings import Bounded, non_negative, option
 
 #: Stored feature types.
 DTYPES = ("float32", "float16")
@@ -18,26 +18,12 @@ DTYPES = ("float32", "float16")
 DEFAULT_MAX_UNREADABLE_FRACTION = 0.1
 
 
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise BadValue(f"expected a positive integer, got {value}")
-    return number
-
-
-def fraction(value: str) -> float:
-    number = float(value)
-    if not 0 <= number <= 1:
-        raise BadValue(f"expected a fraction from 0 to 1, got {value}")
-    return number
-
-
 @dataclass(frozen=True)
 class ExtractSettings:
     """How a run asks to encode (None: resolved for the device by the run)."""
 
     batch_size: int = field(
-        default=64, metadata=option("patches per forward pass", parse=positive_int)
+        default=64, metadata=option("patches per forward pass", parse=Bounded(int, minimum=1))
     )
     workers: int | None = field(
         default=None,
@@ -75,6 +61,6 @@ class ExtractSettings:
         metadata=option(
             "with --on-bad-patch skip: a slide with more of its patches unreadable is "
             f"recorded as failed (default {DEFAULT_MAX_UNREADABLE_FRACTION})",
-            parse=fraction,
+            parse=Bounded(float, minimum=0, maximum=1),
         ),
     )

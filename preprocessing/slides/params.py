@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from plumbing.settings import BadValue, option
+from plumbing.settings import BadValue, Bounded, option
 
 
 def threshold(value: str) -> int | None:
@@ -25,18 +25,10 @@ def threshold(value: str) -> int | None:
     return number
 
 
-def fraction(value: str) -> float:
-    number = float(value)
-    if not 0 <= number <= 1:
-        raise BadValue(f"expected a fraction in [0, 1], got {value}")
-    return number
-
-
-def positive(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise BadValue(f"expected a positive number, got {value}")
-    return number
+#: A share from 0 to 1, both included.
+FRACTION = Bounded(float, minimum=0, maximum=1)
+#: A size or resolution: more than 0.
+POSITIVE = Bounded(float, above=0)
 
 
 @dataclass(frozen=True)
@@ -45,7 +37,7 @@ class TissueParams:
 
     #: µm/px of the image segmented (read from the pyramid, see slide.py)
     seg_mpp: float = field(
-        default=8.0, metadata=option("µm/px at which tissue is segmented", parse=positive)
+        default=8.0, metadata=option("µm/px at which tissue is segmented", parse=POSITIVE)
     )
     #: fixed saturation threshold (0–255); None = Otsu
     threshold: int | None = field(
@@ -75,17 +67,17 @@ class PatchParams:
 
     target_mpp: float = field(
         default=0.5,
-        metadata=option("µm/px of the patches given to the encoder (0.5 ≈ 20×)", parse=positive),
+        metadata=option("µm/px of the patches given to the encoder (0.5 ≈ 20×)", parse=POSITIVE),
     )
     patch_size: int = field(default=256, metadata=option("px at target mpp", parse=int))
     min_tissue: float = field(
         default=0.25,
-        metadata=option("keep a patch when at least this fraction of it is tissue", parse=fraction),
+        metadata=option("keep a patch when at least this fraction of it is tissue", parse=FRACTION),
     )
     overlap: float = field(
         default=0.0,
         metadata=option(
-            "fraction of a patch shared with its neighbour (0 ≤ overlap < 1)", parse=fraction
+            "fraction of a patch shared with its neighbour (0 ≤ overlap < 1)", parse=FRACTION
         ),
     )
     tissue: TissueParams = field(default_factory=TissueParams)
