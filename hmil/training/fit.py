@@ -123,7 +123,9 @@ def run_epochs(
             break
         row = train_and_validate(fitting, data.datasets["train"], val_loader, membership, epoch)
         add_scalars(tensorboard, options.out / "tensorboard", row, epoch)
-        state.record_epoch(epoch, row, fitting.model, config.patience, config.min_epochs)
+        state.record_epoch(
+            epoch, row, fitting.model, config.patience, config.min_epochs, config.selection
+        )
         fitting.checkpoint.save(fitting.model, fitting.optimizer, fitting.scheduler, state)
         progress.set_postfix(loss=f"{row['train_loss']:.3f}", val_auc=f"{row['val_fine_auc']:.3f}")
         if state.stopped_early:

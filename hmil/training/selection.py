@@ -47,9 +47,14 @@ def epoch_log_row(
     return row
 
 
-def selection_score(row: dict[str, float], use_auc: bool) -> float:
-    """Higher is better: val fine macro AUC, or −val loss when val has < 2 fine classes."""
-    if use_auc and not math.isnan(row["val_fine_auc"]):
+def selection_score(row: dict[str, float], selection: str = "auc") -> float:
+    """Higher is better. ``auc``: val fine macro-AUC (−val loss when val has < 2 fine
+    classes). ``loss``: −val fine cross-entropy, which also sees how sure and how well
+    placed the arg-max is: on cohorts where val AUC reaches its ceiling within a few
+    epochs, AUC keeps the first of them, before accuracy has followed."""
+    if selection == "loss" and not math.isnan(row.get("val_fine_ce", math.nan)):
+        return -row["val_fine_ce"]
+    if not math.isnan(row["val_fine_auc"]):
         return row["val_fine_auc"]
     return -row["val_loss"]
 
@@ -133,14 +138,19 @@ class TrainingState:
         return cls(**saved)
 
     def record_epoch(
-        self, epoch: int, row: dict[str, float], model: nn.Module, patience: int, min_epochs: int
+        self,
+        epoch: int,
+        row: dict[str, float],
+        model: nn.Module,
+        patience: int,
+        min_epochs: int,
+        selection: str = "auc",
     ) -> None:
         """Add epoch ``epoch``'s log ``row``: keep the model if it scores best so far, and
         mark the run stopped early after ``patience`` epochs without a better one (never
         before ``min_epochs``)."""
         self.history.append(row)
-        # use_auc: check_cohort refused a validation set of one fine class
-        score = selection_score(row, use_auc=True)
+        score = selection_score(row, selection)
         if self.best_score is None or score > self.best_score:
             self.best_score, self.best_epoch = score, epoch
             self.best_state = copy.deepcopy(model.state_dict())

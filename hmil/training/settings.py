@@ -59,19 +59,22 @@ def setting(
     choices: tuple[str, ...] = (),
     auto: bool = False,
     new: bool = False,
+    before: Any = None,
 ) -> Any:
     """A field of :class:`TrainingSettings`. ``default`` is its value under the default
     protocol, ``paper`` under the paper's (None: the same); ``minimum`` is inclusive,
     ``above`` and ``below`` exclusive bounds; ``auto``: the word ``auto`` is a value too.
     ``new``: newer than runs already recorded, so recorded only when not at ``default``
     (their records still match and they resume or are skipped); every setting added from
-    now on is new."""
+    now on is new; ``before``: what runs recorded before the setting existed did, when
+    that is not ``default`` (a new default changes the weights, so those runs retrain)."""
     by_protocol = {"default": default, "paper": default if paper is None else paper}
     return field(
         default=None,
         metadata={
             "help": help, "by_protocol": by_protocol, "minimum": minimum, "above": above,
             "below": below, "choices": choices, "auto": auto, "new": new,
+            "before": default if before is None else before,
         }
     )  # fmt: skip
 
@@ -110,8 +113,9 @@ class TrainingSettings:
         below=1,
     )  # fmt: skip
     patience: int = setting(
-        "early stopping: epochs without a better val fine AUC", default=15, paper=20, minimum=1
-    )
+        "early stopping: epochs without a better --selection score",
+        default=15, paper=20, minimum=1,
+    )  # fmt: skip
     min_epochs: int | str = setting(
         "early stopping cannot end the run before this many epochs; auto: E/2, and "
         "E/√2 for losses with schedules (HMIL's curriculum)",
@@ -134,6 +138,11 @@ class TrainingSettings:
         "offset from stain, scanner or site): center subtracts the slide's mean instance, "
         "standardize also divides by its per-feature SD; recorded in model.pt",
         default="none", choices=("none", "center", "standardize"), new=True,
+    )  # fmt: skip
+    selection: str = setting(
+        "which epoch's model is kept and what early stopping waits for: auc, the best "
+        "validation fine macro-AUC; loss, the lowest validation fine cross-entropy",
+        default="auc", choices=("auc", "loss"), new=True,
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -194,23 +203,22 @@ def protocols() -> dict[str, dict[str, Any]]:
 
 #: Settings of each ``--protocol`` (see :class:`TrainingSettings`).
 PROTOCOLS = protocols()
-#: Settings recorded only when they differ from these (``new`` settings).
-NEW_SETTING_DEFAULTS = {
-    s.name: s.metadata["by_protocol"]["default"] for s in setting_fields() if s.metadata["new"]
-}
+#: Settings recorded only when they differ from these: ``new`` settings, at what runs
+#: recorded before they existed did.
+EARLIER_VALUES = {s.name: s.metadata["before"] for s in setting_fields() if s.metadata["new"]}
 SETTING_NAMES = tuple(s.name for s in setting_fields())
 
 
 def recorded(values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` as a run records them: the earliest records' keys first, then the
-    protocol and the settings in their order, then the rest; a new setting at its default
-    left out."""
+    protocol and the settings in their order, then the rest; a new setting at what earlier
+    runs did left out."""
     order = [*EARLIEST_RECORD, "protocol", *SETTING_NAMES]
     keys = [k for k in order if k in values] + [k for k in values if k not in order]
     return {
         key: values[key]
         for key in keys
-        if not (key in NEW_SETTING_DEFAULTS and values[key] == NEW_SETTING_DEFAULTS[key])
+        if not (key in EARLIER_VALUES and values[key] == EARLIER_VALUES[key])
     }
 
 

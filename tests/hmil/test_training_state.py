@@ -45,3 +45,19 @@ def test_a_state_of_another_shape_is_refused_naming_what_it_found():
         TrainingState.of_saved({"epoch": 3})
     with pytest.raises(ValueError, match="found list"):
         TrainingState.of_saved([])
+
+
+def test_selection_by_loss_keeps_the_lowest_val_fine_ce_where_auc_keeps_its_first_peak():
+    # AUC at its ceiling from epoch 1 while the cross-entropy still falls: the case of the
+    # imbalanced cohorts, where AUC kept an epoch whose arg-max was still poor
+    rows = [
+        {"val_fine_auc": auc, "val_fine_ce": ce, "val_loss": 9.0}
+        for auc, ce in [(0.90, 1.2), (0.99, 0.7), (0.99, 0.4), (0.98, 0.3), (0.99, 0.5)]
+    ]
+    by = {}
+    for selection in ("auc", "loss"):
+        state = TrainingState()
+        for epoch, values in enumerate(rows):
+            state.record_epoch(epoch, values, nn.Linear(2, 1), 9, 0, selection)
+        by[selection] = (state.best_epoch, state.best_score, state.epochs_without_improvement)
+    assert by == {"auc": (1, 0.99, 3), "loss": (3, -0.3, 1)}
