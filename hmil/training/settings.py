@@ -142,7 +142,7 @@ class TrainingSettings:
     selection: str = setting(
         "which epoch's model is kept and what early stopping waits for: auc, the best "
         "validation fine macro-AUC; loss, the lowest validation fine cross-entropy",
-        default="auc", choices=("auc", "loss"), new=True,
+        default="loss", paper="auc", choices=("auc", "loss"), new=True, before="auc",
     )  # fmt: skip
 
     def __post_init__(self) -> None:

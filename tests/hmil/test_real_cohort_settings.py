@@ -17,6 +17,7 @@ from hmil.models import create_model, list_models
 from hmil.models.hmil import HMIL, HMILMB
 from hmil.train import main
 from hmil.training.loop import class_balanced_weights, epoch_loader
+from hmil.training.settings import TrainingError
 from tests.hmil.train_cli import one_error_line, write_fold_cohort
 
 SMALL = SyntheticConfig(
@@ -160,13 +161,25 @@ def test_slide_norm_is_recorded_and_deployment_rebuilds_it(cohort, tmp_path):
 
 
 def test_runs_at_the_default_settings_keep_their_earlier_record(cohort, tmp_path):
-    # Settings added later appear in metrics.json only when set, so a run made before they
-    # existed still matches (is neither retrained nor refused).
+    # Settings added later appear in metrics.json only when they differ from what runs
+    # made before they existed did, so such a run still matches (is neither retrained nor
+    # refused); selection by loss is such a difference: those runs kept the best-AUC epoch.
     out = tmp_path / "run"
-    assert main(train_args(cohort, out, model="abmil")) == 0
+    assert main(train_args(cohort, out, "--selection", "auc", model="abmil")) == 0
     config = json.loads((out / "metrics.json").read_text())["config"]
     assert "slide_norm" not in config and "balanced_sampling" not in config
+    assert "selection" not in config
     assert "slide_norm" not in torch.load(out / "model.pt", weights_only=False)["model_kwargs"]
+
+
+def test_a_run_recorded_before_selection_by_loss_is_not_taken_for_a_default_run(cohort, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(cohort, out, "--selection", "auc", model="abmil")) == 0
+    with pytest.raises(TrainingError, match="holds outputs of a run with other settings"):
+        main(train_args(cohort, out, model="abmil"))  # a hand-made run: refused
+    assert main(train_args(cohort, out, "--restart-if-changed", model="abmil")) == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["selection"] == "loss"
 
 
 @pytest.mark.parametrize(
