@@ -230,7 +230,8 @@ def key_attention(out: Path, key_instances: dict[str, np.ndarray], hierarchy) ->
 
 def run_scores(out: Path, hierarchy: Hierarchy) -> dict[str, float]:
     """Test fine and coarse-from-fine macro-AUC of one run, its best epoch, whether the
-    trainer warned, and its lowest lr before E/2 as a fraction of the peak."""
+    trainer warned, whether its models centred each slide (``slide_norm``, as chosen for
+    the fold), and its lowest lr before E/2 as a fraction of the peak."""
     predictions = pd.read_csv(out / "predictions.csv")
     test = predictions[predictions["split"] == "test"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -251,6 +252,7 @@ def run_scores(out: Path, hierarchy: Hierarchy) -> dict[str, float]:
         "best_epoch": metrics["best_epoch"],
         "epochs_trained": metrics["epochs_trained"],
         "warned": bool(metrics.get("learning_warnings")),
+        "centred": metrics.get("slide_norm", {}).get("mode", "none") != "none",
         "min_lr_ratio_first_half": float(first_half.min() / metrics["config"]["lr"]),
     }
 
@@ -452,12 +454,19 @@ METRICS = (
 )
 
 
+def centred_text(group: pd.DataFrame) -> str:
+    """How many of the runs centred each slide; runs recorded before this was kept: –."""
+    if "centred" not in group or group["centred"].isna().any():
+        return "–"
+    return f"{int(group['centred'].sum())}/{len(group)}"
+
+
 def format_grid(runs: pd.DataFrame) -> str:
     """Markdown table per cell and model, then the paired lines of each cell and of all."""
     lines = [
         "| cell | model | runs | " + " | ".join(label for _, label in METRICS)
-        + " | warned | best epoch (median) | attention on key instances |",
-        "|---|---|---|" + "---|" * len(METRICS) + "---|---|---|",
+        + " | warned | centred | best epoch (median) | attention on key instances |",
+        "|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|",
     ]  # fmt: skip
     notes = []
     for cell, table in runs.groupby("cell", sort=False):
@@ -465,7 +474,7 @@ def format_grid(runs: pd.DataFrame) -> str:
             scores = " | ".join(mean_sd(group[metric]) for metric, _ in METRICS if metric in group)
             lines.append(
                 f"| {cell} | {model} | {len(group)} | {scores} | "
-                f"{int(group['warned'].sum())}/{len(group)} | "
+                f"{int(group['warned'].sum())}/{len(group)} | {centred_text(group)} | "
                 f"{group['best_epoch'].median():.0f} | {attention_text(group)} |"
             )
         notes.append(cell_summary(cell, table))

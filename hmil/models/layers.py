@@ -64,7 +64,9 @@ class SlideNorm(nn.Module):
     by less than the noise), and that is the signal uniform attention sees early in
     training: centring costs fine AUC on cohorts without an offset (benchmarks/README.md
     "Learning check"). A learned centring strength per feature (from 0) was tried: it stayed near 0
-    on shifted cohorts, where centring helps, so it is not offered.
+    on shifted cohorts, where centring helps, so it is not offered. The training setting
+    ``auto`` picks ``center`` or ``none`` per fold from the training slides
+    (:mod:`hmil.training.slide_centres`); a model is only ever built with the mode picked.
     """
 
     def __init__(self, mode: str) -> None:

@@ -38,6 +38,7 @@ from hmil.training.schedule import (
     step_after_epoch,
 )
 from hmil.training.selection import TrainingState, epoch_log_row, learning_warnings
+from hmil.training.slide_centres import choose_slide_norm
 from plumbing.atomic import output_errors
 
 log = logging.getLogger("hmil.train")  # the command's logger: its log lines name it
@@ -67,8 +68,9 @@ def fit_fold(settings: TrainSettings, options: RunOptions) -> None:
         raise TrainingError("--device cuda: no CUDA device is available")
     device = torch.device(options.device)
     data = load_fold(settings, options, hierarchy)
+    slide_norm = choose_slide_norm(settings.slide_norm, data.datasets["train"])
     seed_everything(settings.seed)
-    built = build_model(settings, hierarchy, data.in_dim, device)
+    built = build_model(settings, hierarchy, data.in_dim, device, slide_norm.mode)
     config = TrainConfig.of_run(
         settings, hierarchy, built.loss_config, built.loss_preset, built.mhim_preset,
         built.teacher_sha256,
@@ -96,7 +98,9 @@ def fit_fold(settings: TrainSettings, options: RunOptions) -> None:
     warnings = learning_warnings(state.history, state.best_epoch, data.datasets["val"].fine_labels)
     if warnings:
         log.warning("%s may not have learned: %s", out, "; ".join(warnings))
-    write_final_outputs(out, config, model, data, hierarchy, state, warnings, options.num_workers)
+    write_final_outputs(
+        out, config, model, data, hierarchy, state, warnings, options.num_workers, slide_norm
+    )
 
 
 def run_epochs(

@@ -38,14 +38,19 @@ def check_model_name(name: str) -> None:
 
 
 def build_model(
-    settings: TrainSettings, hierarchy: Hierarchy, in_dim: int, device: torch.device
+    settings: TrainSettings,
+    hierarchy: Hierarchy,
+    in_dim: int,
+    device: torch.device,
+    slide_norm: str = "none",
 ) -> ModelAndLoss:
-    """The model and loss of ``settings``; TrainingError (one line) for options that do not
+    """The model and loss of ``settings`` with the slide norm chosen for this fold
+    (:mod:`hmil.training.slide_centres`); TrainingError (one line) for options that do not
     fit the model, an unknown preset or an unusable teacher."""
     model_kwargs = mhim_model_kwargs(settings)
     if settings.dropout > 0:  # every model takes dropout; 0 keeps each model's own default
         model_kwargs["dropout"] = settings.dropout
-    model_kwargs["slide_norm"] = settings.slide_norm
+    model_kwargs["slide_norm"] = slide_norm
     try:
         model = create_model(settings.model, in_dim=in_dim, hierarchy=hierarchy, **model_kwargs)
     except ValueError as error:  # e.g. an unknown MHIM preset

@@ -26,6 +26,7 @@ from hmil.training.config import TrainConfig
 from hmil.training.loop import device_record, epoch_loader
 from hmil.training.prediction import SlidePredictions, predict, predictions_table, split_metrics
 from hmil.training.selection import TrainingState
+from hmil.training.slide_centres import SlideNormChoice
 from plumbing.atomic import atomic_outputs, buffered
 from plumbing.provenance import code_version
 
@@ -43,6 +44,7 @@ def write_final_outputs(
     state: TrainingState,
     learning_warnings: list[str],
     num_workers: int,
+    slide_norm: SlideNormChoice,
 ) -> None:
     """Predict the test and val slides with the weights in ``model`` and write every final
     output of the fold, atomically together: a run has all of them or none."""
@@ -67,6 +69,7 @@ def write_final_outputs(
         "in_dim": made["in_dim"],
         "features": made["features"],
         "excluded_slides": data.excluded,
+        "slide_norm": slide_norm.record(),
         "runtime": device_record(device),
     }
     with atomic_outputs(*(out / name for name in FINAL_OUTPUTS)) as temps:

@@ -47,7 +47,7 @@ def epoch_log_row(
     return row
 
 
-def selection_score(row: dict[str, float], selection: str = "auc") -> float:
+def selection_score(row: dict[str, float], selection: str) -> float:
     """Higher is better. ``auc``: val fine macro-AUC (−val loss when val has < 2 fine
     classes). ``loss``: −val fine cross-entropy, which also sees how sure and how well
     placed the arg-max is: on cohorts where val AUC reaches its ceiling within a few
@@ -144,7 +144,7 @@ class TrainingState:
         model: nn.Module,
         patience: int,
         min_epochs: int,
-        selection: str = "auc",
+        selection: str,
     ) -> None:
         """Add epoch ``epoch``'s log ``row``: keep the model if it scores best so far, and
         mark the run stopped early after ``patience`` epochs without a better one (never

@@ -135,9 +135,12 @@ class TrainingSettings:
     )  # fmt: skip
     slide_norm: str = setting(
         "per-slide normalisation of the features inside the model (a slide-level "
-        "offset from stain, scanner or site): center subtracts the slide's mean instance, "
-        "standardize also divides by its per-feature SD; recorded in model.pt",
-        default="none", choices=("none", "center", "standardize"), new=True,
+        "offset from stain, scanner or site): center subtracts each feature's median over "
+        "the slide's instances, standardize also divides by its SD; auto centres where the "
+        "training slides' means show no class effect (a permutation test, p >= 0.05); "
+        "the norm used is recorded in model.pt",
+        default="auto", paper="none", choices=("none", "center", "standardize", "auto"),
+        new=True, before="none",
     )  # fmt: skip
     selection: str = setting(
         "which epoch's model is kept and what early stopping waits for: auc, the best "

@@ -75,6 +75,8 @@ def test_both_models_learn_at_the_defaults(runs):
     assert runs.loc["hmil", "fine_auc"] > 0.7, runs.loc["hmil"]
     assert (runs["coarse_from_fine_auc"] > 0.8).all(), runs["coarse_from_fine_auc"]
     assert not runs["warned"].any()  # neither stopped at its initialisation
+    # this cell's slide means carry the class (no offsets): slide_norm auto leaves them
+    assert not runs["centred"].any()
 
 
 def test_hmil_mb_learns_at_the_defaults_and_its_class_rows_find_the_key_instances(runs):

@@ -163,9 +163,11 @@ def test_slide_norm_is_recorded_and_deployment_rebuilds_it(cohort, tmp_path):
 def test_runs_at_the_default_settings_keep_their_earlier_record(cohort, tmp_path):
     # Settings added later appear in metrics.json only when they differ from what runs
     # made before they existed did, so such a run still matches (is neither retrained nor
-    # refused); selection by loss is such a difference: those runs kept the best-AUC epoch.
+    # refused); selection by loss and slide_norm auto are such differences: those runs kept
+    # the best-AUC epoch and never centred a slide.
     out = tmp_path / "run"
-    assert main(train_args(cohort, out, "--selection", "auc", model="abmil")) == 0
+    args = train_args(cohort, out, "--selection", "auc", "--slide-norm", "none", model="abmil")
+    assert main(args) == 0
     config = json.loads((out / "metrics.json").read_text())["config"]
     assert "slide_norm" not in config and "balanced_sampling" not in config
     assert "selection" not in config

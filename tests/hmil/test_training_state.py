@@ -22,7 +22,7 @@ def row(auc: float) -> dict[str, float]:
 def test_the_state_keeps_the_best_epoch_and_stops_after_its_patience():
     model, state = nn.Linear(2, 1), TrainingState()
     for epoch, auc in enumerate([0.6, 0.8, 0.7, 0.7]):
-        state.record_epoch(epoch, row(auc), model, patience=2, min_epochs=0)
+        state.record_epoch(epoch, row(auc), model, patience=2, min_epochs=0, selection="auc")
     assert (state.epoch, state.best_epoch, state.best_score) == (4, 1, 0.8)
     assert state.epochs_without_improvement == 2 and state.stopped_early
     assert set(state.best_state) == {"weight", "bias"}
@@ -30,7 +30,7 @@ def test_the_state_keeps_the_best_epoch_and_stops_after_its_patience():
 
 def test_the_saved_state_is_the_earlier_releases_dict_and_reads_back(tmp_path):
     state = TrainingState()
-    state.record_epoch(0, row(0.7), nn.Linear(2, 1), patience=5, min_epochs=0)
+    state.record_epoch(0, row(0.7), nn.Linear(2, 1), patience=5, min_epochs=0, selection="auc")
     saved = state.as_saved()
     assert set(saved) == SAVED_KEYS
     torch.save({"state": saved}, tmp_path / "last.pt")
