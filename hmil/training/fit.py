@@ -68,7 +68,9 @@ def fit_fold(settings: TrainSettings, options: RunOptions) -> None:
         raise TrainingError("--device cuda: no CUDA device is available")
     device = torch.device(options.device)
     data = load_fold(settings, options, hierarchy)
-    slide_norm = choose_slide_norm(settings.slide_norm, data.datasets["train"])
+    slide_norm = choose_slide_norm(
+        settings.slide_norm, data.datasets["train"], data.tables["train"]["patient_id"].tolist()
+    )
     seed_everything(settings.seed)
     built = build_model(settings, hierarchy, data.in_dim, device, slide_norm.mode)
     config = TrainConfig.of_run(

@@ -137,7 +137,8 @@ class TrainingSettings:
         "per-slide normalisation of the features inside the model (a slide-level "
         "offset from stain, scanner or site): center subtracts each feature's median over "
         "the slide's instances, standardize also divides by its SD; auto centres where the "
-        "training slides' means show no class effect (a permutation test, p >= 0.05); "
+        "training slides' means show no class effect between patients (a permutation "
+        "test, p >= 0.05); "
         "the norm used is recorded in model.pt",
         default="auto", paper="none", choices=("none", "center", "standardize", "auto"),
         new=True, before="none",

@@ -8,19 +8,25 @@ memorise). The learning check's cohorts show both sides: centring costs `hmil_mb
 fine AUC where slides carry no offset and gains it 0.41 where the offset is as large as the
 key-instance signal (benchmarks/README.md, "Learning check"). Which side a cohort is on can
 be asked of its training slides, once per fold, before any model sees them: do the slide
-means differ between fine classes more than between slides of one class? A permutation
-test of the one-way between-class share of the slide means' variance (the trace form of
-MANOVA's F, so any feature width works, D > slides included) answers it. Where the answer
-is no (p ≥ ``ALPHA``), the centre is nuisance and is taken out; otherwise nothing changes.
+means differ between fine classes more than between patients of one class? A permutation
+test of the one-way between-class share of their variance (the trace form of MANOVA's F,
+so any feature width works, D > patients included) answers it. Its units are patients
+(the mean of a patient's slides of one class), not slides: a patient's slides share a
+scanner and a staining batch, so they are not independent draws, as the patient-grouped
+folds assume too; counted as slides they would make a site effect look like a class
+effect. Where the answer is no (p ≥ ``ALPHA``), the centre is nuisance and is taken out;
+otherwise nothing changes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -45,6 +51,7 @@ class SlideNormChoice:
     statistic: float | None = None
     p_value: float | None = None
     slides: int | None = None
+    patients: int | None = None
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -56,7 +63,7 @@ def class_effect_on_centres(
     permutations: int = PERMUTATIONS,
     seed: int = TEST_SEED,
 ) -> tuple[float, float]:
-    """(F, p) of the class effect on the slide centres [n, D] (labels [n], long): F is the
+    """(F, p) of the class effect on the centres [n, D] (labels [n], long): F is the
     between-class mean square over the within-class one, summed over features; p counts
     the label permutations whose between-class sum of squares reaches the observed one."""
     centres = centres.double() - centres.double().mean(dim=0)
@@ -85,6 +92,19 @@ def class_effect_on_centres(
     return statistic, p_value
 
 
+def patient_centres(
+    slide_centres: torch.Tensor, patients: Sequence[str], labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean centre [U, D] and label [U] of each patient's slides of one fine class."""
+    units = pd.DataFrame({"patient": list(patients), "label": labels.numpy()})
+    unit = torch.tensor(units.groupby(["patient", "label"], sort=False).ngroup().to_numpy())
+    count = torch.bincount(unit).to(slide_centres.dtype)
+    sums = torch.zeros(len(count), slide_centres.shape[1], dtype=slide_centres.dtype)
+    sums.index_add_(0, unit, slide_centres)
+    unit_labels = torch.zeros(len(count), dtype=torch.long).scatter_(0, unit, labels)
+    return sums / count[:, None], unit_labels
+
+
 def slide_means(dataset: BagDataset) -> torch.Tensor:
     """float64 [n, D]: each training slide's mean instance (one read of every bag, which
     also fills the feature cache the epochs use)."""
@@ -94,23 +114,29 @@ def slide_means(dataset: BagDataset) -> torch.Tensor:
     return means
 
 
-def choose_slide_norm(setting: str, train_set: BagDataset) -> SlideNormChoice:
+def choose_slide_norm(
+    setting: str, train_set: BagDataset, patients: Sequence[str]
+) -> SlideNormChoice:
     """The setting itself, or for ``auto`` ``center`` when the training slides' means show
-    no class effect (p ≥ ALPHA) and ``none`` when they do (or cannot be tested)."""
+    no class effect between patients (p ≥ ALPHA) and ``none`` when they do (or cannot be
+    tested). ``patients``: the patient of each slide of ``train_set``, in its order."""
     if setting != "auto":
         return SlideNormChoice(setting, setting)
     labels = torch.as_tensor(np.asarray(train_set.fine_labels), dtype=torch.long)
+    centres, unit_labels = patient_centres(slide_means(train_set), patients, labels)
+    counted = {"slides": len(labels), "patients": len(unit_labels)}
     try:
-        statistic, p_value = class_effect_on_centres(slide_means(train_set), labels)
+        statistic, p_value = class_effect_on_centres(centres, unit_labels)
     except ValueError as error:
         log.warning("slide_norm auto: %s; slides are not centred", error)
-        return SlideNormChoice(setting, "none", slides=len(labels))
+        return SlideNormChoice(setting, "none", **counted)
     mode = "center" if p_value >= ALPHA else "none"
     log.info(
-        "slide_norm auto: the %d training slides' means %s by fine class (F = %.2f, "
-        "p = %.3f): %s",
-        len(labels), "do not differ" if mode == "center" else "differ", statistic, p_value,
+        "slide_norm auto: the mean instances of %d training slides (%d patients) %s by "
+        "fine class (F = %.2f, p = %.3f): %s",
+        len(labels), len(unit_labels), "do not differ" if mode == "center" else "differ",
+        statistic, p_value,
         "each slide is centred (its offset is nuisance)" if mode == "center"
         else "slides are not centred",
     )  # fmt: skip
-    return SlideNormChoice(setting, mode, statistic, p_value, len(labels))
+    return SlideNormChoice(setting, mode, statistic, p_value, **counted)

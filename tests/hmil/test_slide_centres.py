@@ -11,7 +11,7 @@ import torch
 from hmil.data.synthetic import SyntheticConfig, generate_cohort
 from hmil.evaluation.fold_models import load_fold_model
 from hmil.train import main
-from hmil.training.slide_centres import ALPHA, class_effect_on_centres
+from hmil.training.slide_centres import ALPHA, class_effect_on_centres, patient_centres
 from tests.hmil.train_cli import write_fold_cohort
 
 #: Enough slides for the test to see what a class adds to a slide's mean.
@@ -63,6 +63,33 @@ def test_the_statistic_is_the_one_way_f_also_with_more_features_than_slides():
         assert class_effect_on_centres(centres, labels, permutations=199) == (statistic, p_value)
 
 
+def test_the_units_are_patients_with_their_slides_of_one_class_averaged():
+    slides = torch.tensor([[0.0, 2.0], [2.0, 4.0], [5.0, 5.0], [9.0, 1.0]], dtype=torch.float64)
+    patients = ["p1", "p1", "p2", "p1"]  # p1's last slide has another class: its own unit
+    labels = torch.tensor([0, 0, 1, 1])
+    centres, unit_labels = patient_centres(slides, patients, labels)
+    torch.testing.assert_close(
+        centres, torch.tensor([[1.0, 3.0], [5.0, 5.0], [9.0, 1.0]], dtype=torch.float64)
+    )
+    assert unit_labels.tolist() == [0, 1, 1]
+
+
+def test_a_shared_offset_per_patient_is_not_taken_for_a_class_effect():
+    # 3 classes × 10 patients × 3 slides; each patient's slides share one offset (scanner,
+    # staining batch) and the classes add nothing: counted as slides, the patients'
+    # offsets look like a class effect (F ≈ 3); counted as patients they do not
+    generator = torch.Generator().manual_seed(1)
+    offsets = 4 * torch.randn(30, 16, generator=generator, dtype=torch.float64)
+    slides = offsets.repeat_interleave(3, dim=0) + 0.1 * torch.randn(
+        90, 16, generator=generator, dtype=torch.float64
+    )
+    labels = torch.arange(3).repeat_interleave(30)
+    patients = [f"p{i // 3}" for i in range(90)]
+    assert class_effect_on_centres(slides, labels)[1] < ALPHA
+    _, p_value = class_effect_on_centres(*patient_centres(slides, patients, labels))
+    assert p_value >= ALPHA
+
+
 def test_the_test_needs_two_classes_and_more_slides_than_classes():
     with pytest.raises(ValueError, match="need ≥ 2 classes"):
         class_effect_on_centres(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
@@ -83,6 +110,7 @@ def test_auto_centres_where_slide_means_carry_no_class_and_records_it(tmp_path, 
     assert metrics["config"]["slide_norm"] == "auto"  # the setting, as given
     chosen = metrics["slide_norm"]  # and what the test made of this fold's slides
     assert (chosen["setting"], chosen["mode"], chosen["slides"]) == ("auto", mode, 32)
+    assert chosen["patients"] == 32  # one slide per patient in this cohort
     assert (chosen["p_value"] >= ALPHA) == (mode == "center")
     model = load_fold_model(out, torch.device("cpu")).module
     assert model.slide_norm == mode  # evaluation and deployment rebuild the same model
