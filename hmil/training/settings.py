@@ -133,6 +133,13 @@ class TrainingSettings:
         "--weighted_sample); an epoch still has as many bags as the training set",
         default=False, new=True,
     )  # fmt: skip
+    class_weights: str = setting(
+        "balanced: each training bag's classification losses (fine and coarse CE, and "
+        "the validation CE that selects the epoch) weighed by n / (C n_c) of its fine "
+        "class in the fold's training slides, as scikit-learn's class_weight='balanced'; "
+        "the weights average 1 over the training slides; none: every bag alike",
+        default="none", choices=("none", "balanced"), new=True,
+    )  # fmt: skip
     slide_norm: str = setting(
         "per-slide normalisation of the features inside the model (a slide-level "
         "offset from stain, scanner or site): center subtracts each feature's median over "

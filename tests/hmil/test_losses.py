@@ -16,6 +16,7 @@ from hmil.training.losses import (
     HMILLoss,
     LossConfig,
     bag_alignment_loss,
+    balanced_class_weights,
     classification_loss,
     curriculum_weight,
     instance_alignment_loss,
@@ -250,6 +251,47 @@ def test_schedules_refuse_epochs_outside_the_run():
         curriculum_weight(4, 4)
     with pytest.raises(ValueError, match="num_epochs must be positive"):
         temperature_schedule(0, 0)
+
+
+def test_balanced_class_weights_are_n_over_c_n_c_of_the_classes_present():
+    weights = balanced_class_weights([0, 0, 0, 1, 2, 2], num_classes=4)
+    # n = 6 slides of C = 3 present classes: 6 / (3·3), 6 / (3·1), 6 / (3·2); class 3 absent
+    assert torch.allclose(weights, torch.tensor([2 / 3, 2.0, 1.0, 0.0]))
+    assert math.isclose(float(weights[[0, 0, 0, 1, 2, 2]].mean()), 1.0, rel_tol=1e-6)
+    assert torch.equal(balanced_class_weights([2, 0, 1, 1, 0, 2], 3), torch.ones(3))
+
+
+def test_weighted_classification_loss_weighs_each_bag_and_averages_over_the_bags():
+    logits, labels = torch.tensor(FINE_LOGITS), torch.tensor([0, 3, 3])
+    per_bag = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    weights = torch.tensor([2.0, 0.5, 0.5])
+    value = classification_loss(logits, labels, weights)
+    assert math.isclose(float(value), float((per_bag * weights).sum() / 3), rel_tol=1e-6)
+    assert torch.equal(classification_loss(logits, labels, torch.ones(3)),
+                       classification_loss(logits, labels))  # fmt: skip
+    # a step whose bags share one class keeps that class's weight (no division by Σw)
+    same = torch.tensor([3, 3, 3])
+    assert math.isclose(float(classification_loss(logits, same, torch.full((3,), 2.0))),
+                        2 * float(classification_loss(logits, same)), rel_tol=1e-6)  # fmt: skip
+
+
+def test_class_weights_reach_both_classification_terms_and_nothing_else(tiny_membership):
+    outputs, fine_labels = tiny_outputs()  # fine labels 1 and 3
+    plain = HMILLoss(tiny_membership, num_epochs=4)(outputs, fine_labels, epoch=2)
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0])
+    weighted = HMILLoss(tiny_membership, num_epochs=4, class_weights=weights)(
+        outputs, fine_labels, epoch=2
+    )
+    for term in ("fine_ce", "coarse_ce"):
+        logits = torch.stack([o.fine_logits if term == "fine_ce" else o.coarse_logits
+                              for o in outputs])  # fmt: skip
+        labels = fine_labels if term == "fine_ce" else torch.tensor([0, 1])
+        per_bag = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        expected = float((per_bag * torch.tensor([3.0, 1.0])).mean())
+        assert math.isclose(float(weighted[term]), expected, rel_tol=1e-6)
+        assert not math.isclose(float(weighted[term]), float(plain[term]), rel_tol=1e-3)
+    for term in ("bag_alignment", "instance_alignment", "contrastive"):
+        assert torch.equal(weighted[term], plain[term])
 
 
 # ---- the total and its configuration ----------------------------------------------------------

@@ -280,3 +280,14 @@ def test_a_slide_shift_moves_every_instance_of_a_slide_by_one_offset():
         assert np.linalg.norm(offset[0]) == pytest.approx(2.0, rel=1e-4)
         offsets.append(offset[0])
     assert np.abs(np.corrcoef(offsets[0], offsets[1])[0, 1]) < 0.9  # directions differ
+
+
+def test_class_weights_are_recorded_and_logged_per_fine_class(cohort, tmp_path, caplog):
+    out = tmp_path / "weighted"
+    with caplog.at_level("INFO", logger="hmil.train"):
+        assert main(train_args(cohort, out, "--class-weights", "balanced", model="abmil")) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["class_weights"] == "balanced"
+    # two training slides of each of the four classes: every weight is n / (C n_c) = 1
+    logged = [r.getMessage() for r in caplog.records if "class weights" in r.getMessage()]
+    classes = load_hierarchy(str(cohort["hierarchy"])).fine
+    assert logged == ["class weights (balanced): " + ", ".join(f"{c} 1.00" for c in classes)]

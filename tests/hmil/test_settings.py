@@ -37,13 +37,14 @@ def test_the_protocols_give_the_settings_they_always_gave():
         "epochs": 50, "batch_bags": 8, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 1e-4,
         "scheduler": "warmup_cosine", "warmup_epochs": 1.0, "lr_floor": 0.05, "patience": 15,
         "min_epochs": "auto", "dropout": 0.25, "instance_dropout": 0.25,
-        "balanced_sampling": False, "slide_norm": "auto", "selection": "loss",
+        "balanced_sampling": False, "class_weights": "none", "slide_norm": "auto",
+        "selection": "loss",
     }  # fmt: skip
     assert PROTOCOLS["paper"] == {
         "epochs": 200, "batch_bags": 64, "lr": 1e-4, "optimizer": "adam", "weight_decay": 0.0,
         "scheduler": "plateau", "warmup_epochs": 0.0, "lr_floor": 0.0, "patience": 20,
         "min_epochs": 0, "dropout": 0.0, "instance_dropout": 0.0, "balanced_sampling": False,
-        "slide_norm": "none", "selection": "auc",
+        "class_weights": "none", "slide_norm": "none", "selection": "auc",
     }  # fmt: skip
 
 
