@@ -272,8 +272,9 @@ def hierarchy_as_dict(hierarchy: Hierarchy) -> dict[str, Any]:
     }
 
 
-def load_hierarchy(spec: str) -> Hierarchy:
+def load_hierarchy(spec: str | Path) -> Hierarchy:
     """A hierarchy from a YAML path, or a preset name (``bracs``, ``panda``, ``ccc``)."""
+    spec = str(spec)
     if spec.endswith((".yaml", ".yml")) or Path(spec).exists():
         return Hierarchy.from_yaml(spec)
     return Hierarchy.preset(spec)

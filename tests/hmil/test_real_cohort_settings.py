@@ -289,5 +289,5 @@ def test_class_weights_are_recorded_and_logged_per_fine_class(cohort, tmp_path, 
     assert json.loads((out / "metrics.json").read_text())["config"]["class_weights"] == "balanced"
     # two training slides of each of the four classes: every weight is n / (C n_c) = 1
     logged = [r.getMessage() for r in caplog.records if "class weights" in r.getMessage()]
-    classes = load_hierarchy(str(cohort["hierarchy"])).fine
+    classes = load_hierarchy(cohort["hierarchy"]).fine  # a Path, as tests hold it
     assert logged == ["class weights (balanced): " + ", ".join(f"{c} 1.00" for c in classes)]
