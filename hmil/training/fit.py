@@ -24,10 +24,11 @@ from hmil.training.checkpoints import (
     finished_run,
     input_fingerprint,
 )
+from hmil.training.class_weights import fold_class_weights
 from hmil.training.cohort import FoldData, load_fold
 from hmil.training.config import RunOptions, TrainConfig, TrainingError, TrainSettings
 from hmil.training.loop import epoch_loader, seed_everything, train_epoch
-from hmil.training.losses import HMILLoss, balanced_class_weights
+from hmil.training.losses import HMILLoss
 from hmil.training.model_setup import build_model, check_model_name
 from hmil.training.outputs import write_final_outputs
 from hmil.training.prediction import predict
@@ -85,9 +86,10 @@ def fit_fold(settings: TrainSettings, options: RunOptions) -> None:
 
     membership = hierarchy.membership_tensor()
     model = built.model
-    loss_fn = HMILLoss(
-        membership, config.epochs, built.loss_config, class_weights(config, data, hierarchy)
-    ).to(device)
+    weights = fold_class_weights(
+        config.class_weights, data.datasets["train"].fine_labels, hierarchy.fine
+    )
+    loss_fn = HMILLoss(membership, config.epochs, built.loss_config, weights).to(device)
     optimizer = make_optimizer(config, model)
     steps_per_epoch = math.ceil(len(data.datasets["train"]) / config.batch_bags)
     scheduler = make_scheduler(config, optimizer, steps_per_epoch)
@@ -105,16 +107,6 @@ def fit_fold(settings: TrainSettings, options: RunOptions) -> None:
     write_final_outputs(
         out, config, model, data, hierarchy, state, warnings, options.num_workers, slide_norm
     )
-
-
-def class_weights(config: TrainConfig, data: FoldData, hierarchy) -> torch.Tensor | None:
-    """The classification terms' weight per fine class, from the fold's training slides."""
-    if config.class_weights == "none":
-        return None
-    weights = balanced_class_weights(data.datasets["train"].fine_labels, len(hierarchy.fine))
-    named = zip(hierarchy.fine, weights.tolist(), strict=True)
-    log.info("class weights (balanced): %s", ", ".join(f"{n} {w:.2f}" for n, w in named))
-    return weights
 
 
 def run_epochs(

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,14 +36,9 @@ from plumbing.presets import PresetFile, PresetSettings
 LOSS_PRESETS_PATH = resources.files("hmil.presets") / "loss_presets.yaml"
 
 TERMS = (
-    "coarse_ce",
-    "fine_ce",
-    "bag_alignment",
-    "instance_alignment",
-    "contrastive",
-    "instance",
+    "coarse_ce", "fine_ce", "bag_alignment", "instance_alignment", "contrastive", "instance",
     "consistency",
-)
+)  # fmt: skip
 # Terms a model computes itself (MILOutput.auxiliary): CLAM's instance clustering loss,
 # DSMIL's max-instance loss (``instance``), MHIM's teacher–student loss (``consistency``).
 AUXILIARY_TERMS = ("instance", "consistency")
@@ -80,26 +74,12 @@ WEIGHT_SCHEDULES = {
 # ---- terms -----------------------------------------------------------------------------------
 
 
-def classification_loss(
-    logits: torch.Tensor, labels: torch.Tensor, bag_weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean cross-entropy of logits [B, C] against class indices [B] (L_ce^c or L_ce^f).
-    ``bag_weights`` [B] weigh each bag's term; the mean stays over B (not over the weights,
-    which would cancel them in a step whose bags share a class)."""
+def classification_loss(logits, labels, bag_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, C] against class indices [B] (L_ce^c or L_ce^f), each
+    bag's weighed by ``bag_weights`` [B] if given (a mean over B, not Σw: see class_weights)."""
     if bag_weights is None:
         return F.cross_entropy(logits, labels)
     return (F.cross_entropy(logits, labels, reduction="none") * bag_weights).mean()
-
-
-def balanced_class_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> torch.Tensor:
-    """float32 [num_classes]: n / (C n_c) for the C classes present in ``labels`` (their mean
-    over the labels is 1; 1 for every class of a balanced set), 0 for the absent ones."""
-    counts = torch.bincount(torch.as_tensor(np.asarray(labels), dtype=torch.long),
-                            minlength=num_classes).double()  # fmt: skip
-    present = counts > 0
-    weights = torch.zeros(num_classes, dtype=torch.float64)
-    weights[present] = counts.sum() / (int(present.sum()) * counts[present])
-    return weights.float()
 
 
 def bag_alignment_loss(
@@ -318,8 +298,7 @@ class HMILLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.register_buffer("membership", torch.as_tensor(membership, dtype=torch.float32))
-        #: [C_f] weights of the classification terms by fine class (``class_weights``)
-        self.class_weights = class_weights
+        self.class_weights = class_weights  # [C_f] or None (hmil/training/class_weights.py)
         self.num_epochs = num_epochs
         self.config = config if config is not None else LossConfig()
 
@@ -351,9 +330,8 @@ class HMILLoss(nn.Module):
             coarse_labels = membership.argmax(dim=1)[fine_labels]
         coarse_labels = coarse_labels.to(device)
 
-        bag_weights = None
-        if self.class_weights is not None:
-            bag_weights = self.class_weights.to(device)[fine_labels]
+        weights = self.class_weights
+        bag_weights = None if weights is None else weights.to(device)[fine_labels]
         terms: dict[str, torch.Tensor] = {}
         if self.config.is_enabled("coarse_ce"):
             coarse_logits = torch.stack([_required(o.coarse_logits, "coarse_ce") for o in outputs])

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from hmil.models import MILOutput
+from hmil.training.class_weights import balanced_class_weights
 from hmil.training.losses import (
     HMILLoss,
     LossConfig,
     bag_alignment_loss,
-    balanced_class_weights,
     classification_loss,
     curriculum_weight,
     instance_alignment_loss,
