@@ -74,7 +74,9 @@ WEIGHT_SCHEDULES = {
 # ---- terms -----------------------------------------------------------------------------------
 
 
-def classification_loss(logits, labels, bag_weights: torch.Tensor | None = None) -> torch.Tensor:
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, bag_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of logits [B, C] against class indices [B] (L_ce^c or L_ce^f), each
     bag's weighed by ``bag_weights`` [B] if given (a mean over B, not Σw: see class_weights)."""
     if bag_weights is None:
