@@ -13,8 +13,8 @@ docs/method.md, "Departures"):
   "reference"`` gives the reference code's cross-entropy over the probabilities q.
 - L_con is *not* divided by the batch size B (standard SupCon, so its weight does not
   change with B); ``contrastive_divide_by_batch = True`` gives the reference code's /B.
-- L_con averages over anchors that have at least one positive; with no positive at all
-  it is 0 (never NaN). With C_f ≥ 2 class slots per bag every anchor has a positive.
+- L_con (hmil/training/contrastive.py) averages over anchors that have at least one
+  positive; with no positive at all it is 0 (never NaN).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmil.models.output import MILOutput, coarse_probs_from_fine
+from hmil.training.contrastive import CONTRASTIVE_VIEWS, supervised_contrastive_loss
 from plumbing.presets import PresetFile, PresetSettings
 
 #: The shipped presets (package data); users pass their own file as ``path``.
@@ -150,48 +151,6 @@ def instance_alignment_loss(
     return per_bag.mean()
 
 
-def supervised_contrastive_loss(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    base_temperature: float = 0.1,
-    divide_by_batch: bool = False,
-) -> torch.Tensor:
-    """L_con: supervised contrastive loss (Khosla et al. 2020), every vector an anchor ("all").
-
-    Args:
-        embeddings: [B, K, d] L2-normalised vectors, K views per bag (HMIL: the C_f
-            class slots).
-        labels: [B] fine label of each bag.
-        temperature: τ of the similarity logits.
-        base_temperature: the loss is scaled by τ / base_temperature (0.1).
-        divide_by_batch: further divide by B, as the reference code does (off by default).
-
-    For anchor i among the B·K vectors: positives P(i) are all other vectors from bags
-    with the same label (other slots of the same bag included); the denominator runs over
-    every other vector (positives and negatives, i.e. vectors of other-label bags).
-        ℓ_i = −(τ/τ_0) · mean_{p∈P(i)} [ s_ip/τ − log Σ_{a≠i} exp(s_ia/τ) ]
-    The loss is the mean of ℓ_i over anchors with |P(i)| > 0, and 0 if there are none.
-    """
-    batch_size, num_views, _ = embeddings.shape
-    vectors = embeddings.reshape(batch_size * num_views, -1)  # bag-major: row b·K + k
-    vector_labels = labels.to(embeddings.device).repeat_interleave(num_views)
-    logits = vectors @ vectors.transpose(0, 1) / temperature
-    is_self = torch.eye(len(vectors), dtype=torch.bool, device=vectors.device)
-    log_denominator = torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1)
-    log_prob = logits - log_denominator.unsqueeze(1)
-    is_positive = (vector_labels.unsqueeze(0) == vector_labels.unsqueeze(1)) & ~is_self
-    num_positives = is_positive.sum(dim=1)
-    has_positive = num_positives > 0
-    if not bool(has_positive.any()):
-        return embeddings.sum() * 0.0  # keeps the graph; no pair to contrast
-    # where() rather than a product: the diagonal of log_prob is not finite for B·K = 1.
-    positive_log_prob = torch.where(is_positive, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
-    mean_log_prob_pos = positive_log_prob[has_positive] / num_positives[has_positive]
-    loss = -(temperature / base_temperature) * mean_log_prob_pos.mean()
-    return loss / batch_size if divide_by_batch else loss
-
-
 # ---- configuration ---------------------------------------------------------------------------
 
 Weight = float | str  # a constant, or the name of a WEIGHT_SCHEDULES entry
@@ -218,6 +177,7 @@ class LossConfig(PresetSettings):
     base_temperature: float = 0.1
     bag_alignment_form: Literal["nll", "reference"] = "nll"
     contrastive_divide_by_batch: bool = False
+    contrastive_views: str = "all"  # or "label" (hmil/training/contrastive.py)
 
     PRESETS: ClassVar[PresetFile] = LOSS_PRESETS_PATH
     KIND: ClassVar[str] = "loss"
@@ -248,6 +208,11 @@ class LossConfig(PresetSettings):
         if self.bag_alignment_form not in ("nll", "reference"):
             raise ValueError(
                 f"bag_alignment_form must be 'nll' or 'reference', got {self.bag_alignment_form!r}"
+            )
+        if self.contrastive_views not in CONTRASTIVE_VIEWS:
+            raise ValueError(
+                f"contrastive_views must be one of {CONTRASTIVE_VIEWS}, "
+                f"got {self.contrastive_views!r}"
             )
 
     def is_enabled(self, term: str) -> bool:
@@ -357,6 +322,7 @@ class HMILLoss(nn.Module):
                 temperature=self.temperature(epoch),
                 base_temperature=self.config.base_temperature,
                 divide_by_batch=self.config.contrastive_divide_by_batch,
+                views=self.config.contrastive_views,
             )
         for term in AUXILIARY_TERMS:
             if self.config.is_enabled(term):
