@@ -99,7 +99,7 @@ def measure(args: argparse.Namespace) -> dict:
     loss_fn = HMILLoss(
         hierarchy.membership_tensor(),
         num_epochs=NUM_EPOCHS,
-        config=LossConfig.preset("flat" if flat else "hmil"),
+        config=LossConfig.preset(getattr(model, "loss_preset", "flat" if flat else "hmil")),
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     bags = [torch.randn(args.size, args.dim, device=device) for _ in range(args.batch_bags)]

@@ -14,8 +14,9 @@ class, into K parts, and fold k tests on part k, validates on part k+1 and train
 rest, the same DATA_SPLIT.csv for every model. The cohort seed is the training seed, so
 each (cell, seed, fold) is one paired run across models.
 
-Model names: a registered model, or ``hmil:<loss preset>`` for an HMIL ablation
-(``hmil:flat`` is the HMIL architecture on fine CE alone).
+Model names: a registered model, or ``model:<loss preset>`` for an ablation: the preset's
+fields on top of the model's own loss (``hmil:flat`` is the HMIL architecture on fine CE
+alone, ``hmil_mb:hmil`` hmil_mb with the method's whole loss, contrastive term included).
 
 Printed per cell: test fine and coarse-from-fine macro-AUC (mean ± SD over runs) per model,
 the paired HMIL − ABMIL difference with a 95 % t-interval, whether the paper's ablation
@@ -135,11 +136,12 @@ FULL_GRID = (
 )
 CELLS = {cell.name: cell for cell in FULL_GRID}
 # What the hierarchy adds to hmil_mb's readout: the same model on fine CE alone (flat),
-# without each alignment and the contrastive term; clam_mb has class rows with their own
+# without each alignment, and with the contrastive term that its own loss leaves out
+# (hmil_mb:hmil, the method's whole loss); clam_mb has class rows with their own
 # classifiers and no hierarchy; abmil and hmil (the authors' model) are the references.
 SMALL_MODELS = (
     "hmil_mb", "hmil_mb:flat", "hmil_mb:no_instance_alignment", "hmil_mb:no_bag_alignment",
-    "hmil_mb:no_contrastive", "clam_mb", "abmil", "hmil",
+    "hmil_mb:hmil", "clam_mb", "abmil", "hmil",
 )  # fmt: skip
 FULL_MODELS = (*SMALL_MODELS, "clam_sb", "transmil", "hmil_mb:fixed_weights", "hmil:flat")
 #: The model each paired line compares, and what against.

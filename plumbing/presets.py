@@ -38,24 +38,34 @@ def dataclass_from_mapping(cls: type[T], values: Mapping[str, Any], source: str)
     return cls(**values)
 
 
-def load_presets(cls: type[T], path: PresetFile) -> dict[str, T]:
-    """All presets of a YAML file (``name: {field: value, ...}``), validated."""
+def read_presets(path: PresetFile) -> dict[str, Mapping[str, Any]]:
+    """The field overrides of every preset of a YAML file, as written (not yet validated)."""
     path = Path(path) if isinstance(path, str) else path
     spec = yaml.safe_load(path.read_text())
     if not isinstance(spec, Mapping):
         raise ValueError(f"{path}: expected a mapping of preset name → settings")
+    return {str(name): values or {} for name, values in spec.items()}
+
+
+def load_presets(cls: type[T], path: PresetFile) -> dict[str, T]:
+    """All presets of a YAML file (``name: {field: value, ...}``), validated."""
     return {
-        str(name): dataclass_from_mapping(cls, values or {}, f"{path}: preset {name!r}")
-        for name, values in spec.items()
+        name: dataclass_from_mapping(cls, values, f"{path}: preset {name!r}")
+        for name, values in read_presets(path).items()
     }
 
 
-def get_preset(cls: type[T], name: str, path: PresetFile, kind: str) -> T:
-    """Preset ``name`` of ``path``; an unknown name is a ValueError listing the presets."""
-    presets = load_presets(cls, path)
+def get_preset(
+    cls: type[T], name: str, path: PresetFile, kind: str, base: Mapping[str, Any] | None = None
+) -> T:
+    """Preset ``name`` of ``path``; an unknown name is a ValueError listing the presets. The
+    fields the preset does not set come from ``base`` where it has them, else the defaults."""
+    presets = read_presets(path)
     if name not in presets:
         raise ValueError(f"{path}: unknown {kind} preset {name!r} (presets: {', '.join(presets)})")
-    return presets[name]
+    load_presets(cls, path)  # every preset of the file is valid, not only this one
+    values = {**(base or {}), **presets[name]}
+    return dataclass_from_mapping(cls, values, f"{path}: preset {name!r}")
 
 
 class PresetSettings:
@@ -71,9 +81,15 @@ class PresetSettings:
         return dataclass_from_mapping(cls, values, source or f"{cls.KIND} config")
 
     @classmethod
-    def preset(cls: type[T], name: str, path: PresetFile | None = None) -> T:
-        """Preset ``name`` of ``path`` (default: the shipped file); fields not given: defaults."""
-        return get_preset(cls, name, path or cls.PRESETS, cls.KIND)
+    def preset(
+        cls: type[T],
+        name: str,
+        path: PresetFile | None = None,
+        base: Mapping[str, Any] | None = None,
+    ) -> T:
+        """Preset ``name`` of ``path`` (default: the shipped file); fields it does not set:
+        ``base``'s, else the defaults."""
+        return get_preset(cls, name, path or cls.PRESETS, cls.KIND, base)
 
     @classmethod
     def presets(cls: type[T], path: PresetFile | None = None) -> dict[str, T]:

@@ -142,6 +142,10 @@ class HMILMB(HMIL):
     See docs/method.md, "Variant: a scorer per class row".
     """
 
+    #: the trainer's default loss preset: the method's loss without L_con, which pulls a
+    #: bag's class slots together (hmil/presets/loss_presets.yaml, ``hmil_mb``)
+    loss_preset = "hmil_mb"
+
     def __init__(self, in_dim: int, num_fine: int, num_coarse: int, **kwargs) -> None:
         super().__init__(in_dim, num_fine, num_coarse, **kwargs)
         fine_dim = self.fine_embedding.out_features

@@ -14,7 +14,8 @@ docs/method.md, "Departures"):
 - L_con is *not* divided by the batch size B (standard SupCon, so its weight does not
   change with B); ``contrastive_divide_by_batch = True`` gives the reference code's /B.
 - L_con (hmil/training/contrastive.py) averages over anchors that have at least one
-  positive; with no positive at all it is 0 (never NaN).
+  positive; with no positive at all it is 0 (never NaN). With C_f ≥ 2 class slots per bag
+  every anchor has a positive.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hmil.models.output import MILOutput, coarse_probs_from_fine
-from hmil.training.contrastive import CONTRASTIVE_VIEWS, supervised_contrastive_loss
+from hmil.training.contrastive import supervised_contrastive_loss
 from plumbing.presets import PresetFile, PresetSettings
 
 #: The shipped presets (package data); users pass their own file as ``path``.
@@ -177,7 +178,6 @@ class LossConfig(PresetSettings):
     base_temperature: float = 0.1
     bag_alignment_form: Literal["nll", "reference"] = "nll"
     contrastive_divide_by_batch: bool = False
-    contrastive_views: str = "all"  # or "label" (hmil/training/contrastive.py)
 
     PRESETS: ClassVar[PresetFile] = LOSS_PRESETS_PATH
     KIND: ClassVar[str] = "loss"
@@ -208,11 +208,6 @@ class LossConfig(PresetSettings):
         if self.bag_alignment_form not in ("nll", "reference"):
             raise ValueError(
                 f"bag_alignment_form must be 'nll' or 'reference', got {self.bag_alignment_form!r}"
-            )
-        if self.contrastive_views not in CONTRASTIVE_VIEWS:
-            raise ValueError(
-                f"contrastive_views must be one of {CONTRASTIVE_VIEWS}, "
-                f"got {self.contrastive_views!r}"
             )
 
     def is_enabled(self, term: str) -> bool:
@@ -322,7 +317,6 @@ class HMILLoss(nn.Module):
                 temperature=self.temperature(epoch),
                 base_temperature=self.config.base_temperature,
                 divide_by_batch=self.config.contrastive_divide_by_batch,
-                views=self.config.contrastive_views,
             )
         for term in AUXILIARY_TERMS:
             if self.config.is_enabled(term):

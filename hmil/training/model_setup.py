@@ -14,7 +14,8 @@ from hmil.data.hierarchy import Hierarchy
 from hmil.models import MILOutput, create_model, list_models
 from hmil.models.mhim import MHIM, TeacherError, load_teacher
 from hmil.training.config import TrainingError, TrainSettings
-from hmil.training.losses import HMILLoss, LossConfig
+from hmil.training.losses import LOSS_PRESETS_PATH, HMILLoss, LossConfig
+from plumbing.presets import read_presets
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,10 @@ def build_model(
         raise TrainingError(str(error)) from None
     model = model.to(device)
     probe = probe_output(model, in_dim)
-    loss_preset = settings.loss_preset or default_loss_preset(model, probe)
+    own_preset = default_loss_preset(model, probe)
+    loss_preset = settings.loss_preset or own_preset
     try:
-        loss_config = LossConfig.preset(loss_preset)
+        loss_config = model_loss(loss_preset, own_preset)
     except ValueError as error:
         raise TrainingError(str(error)) from None
     check_loss_fits_model(probe, settings.model, loss_config, loss_preset, hierarchy)
@@ -115,11 +117,21 @@ def mhim_model_kwargs(settings: TrainSettings) -> dict[str, Any]:
 
 
 def default_loss_preset(model: nn.Module, probe: MILOutput) -> str:
-    """hmil for models with a coarse head, else the model's own (``loss_preset``
-    attribute: clam, dsmil), else flat."""
-    if probe.coarse_logits is not None:
-        return "hmil"
-    return getattr(model, "loss_preset", "flat")
+    """The model's own preset (``loss_preset`` attribute: hmil_mb, clam, dsmil), else hmil
+    for models with a coarse head, else flat."""
+    own = getattr(model, "loss_preset", None)
+    if own is not None:
+        return own
+    return "hmil" if probe.coarse_logits is not None else "flat"
+
+
+def model_loss(preset: str, own_preset: str) -> LossConfig:
+    """Loss preset ``preset`` on a model whose own preset is ``own_preset``: the fields the
+    preset leaves out are the model's, so an ablation takes one term out of the model's own
+    loss (``hmil_mb`` + ``no_bag_alignment`` keeps hmil_mb's departures)."""
+    if preset == own_preset:
+        return LossConfig.preset(preset)
+    return LossConfig.preset(preset, base=read_presets(LOSS_PRESETS_PATH).get(own_preset))
 
 
 def probe_output(model: nn.Module, in_dim: int) -> MILOutput:

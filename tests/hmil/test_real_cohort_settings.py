@@ -17,6 +17,8 @@ from hmil.models import create_model, list_models
 from hmil.models.hmil import HMIL, HMILMB
 from hmil.train import main
 from hmil.training.loop import class_balanced_weights, epoch_loader
+from hmil.training.losses import LossConfig
+from hmil.training.model_setup import model_loss
 from hmil.training.settings import TrainingError
 from tests.hmil.train_cli import one_error_line, write_fold_cohort
 
@@ -291,3 +293,27 @@ def test_class_weights_are_recorded_and_logged_per_fine_class(cohort, tmp_path, 
     logged = [r.getMessage() for r in caplog.records if "class weights" in r.getMessage()]
     classes = load_hierarchy(cohort["hierarchy"]).fine  # a Path, as tests hold it
     assert logged == ["class weights (balanced): " + ", ".join(f"{c} 1.00" for c in classes)]
+
+
+def test_hmil_mb_trains_without_the_contrastive_term_unless_asked(cohort, tmp_path):
+    own, whole = tmp_path / "own", tmp_path / "whole"
+    assert main(train_args(cohort, own)) == 0
+    assert main(train_args(cohort, whole, "--loss-preset", "hmil")) == 0
+    recorded = json.loads((own / "metrics.json").read_text())["config"]
+    assert recorded["loss_preset"] == "hmil_mb"
+    assert "train_contrastive" not in pd.read_csv(own / "log.csv")
+    assert "train_bag_alignment" in pd.read_csv(own / "log.csv")
+    assert (pd.read_csv(whole / "log.csv")["train_contrastive"] > 0).all()
+
+
+def test_a_preset_changes_only_what_it_names_of_the_models_own_loss():
+    # an ablation of hmil_mb keeps hmil_mb's loss otherwise (no contrastive term) ...
+    ablated = model_loss("no_bag_alignment", "hmil_mb")
+    assert ablated.bag_alignment == 0 and ablated.contrastive == 0
+    assert ablated.instance_alignment == 1.0 and ablated.coarse_ce == "curriculum"
+    # ... the hmil preset names every HMIL term: the method's whole loss on any HMIL model
+    assert model_loss("hmil", "hmil_mb") == LossConfig() == model_loss("hmil", "hmil")
+    # flat is fine CE alone on every model, and a baseline keeps its own terms otherwise
+    assert model_loss("flat", "clam") == model_loss("flat", "dsmil") == LossConfig.preset("flat")
+    clam = model_loss("no_contrastive", "clam")
+    assert (clam.fine_ce, clam.instance, clam.coarse_ce) == (0.7, 0.3, 0.0)
