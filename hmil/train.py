@@ -97,8 +97,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loss-preset",
         default=None,
-        help="preset of hmil/presets/loss_presets.yaml (default: hmil; the model's own, e.g. clam, "
-        "dsmil, or flat for models without a coarse head)",
+        help="preset of hmil/presets/loss_presets.yaml: it changes only the terms it names of "
+        "the model's own loss (default: that loss; hmil, hmil_mb, clam, dsmil, or flat for "
+        "models without a coarse head)",
     )
     parser.add_argument(
         "--teacher",
