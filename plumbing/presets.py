@@ -63,7 +63,9 @@ def get_preset(
     presets = read_presets(path)
     if name not in presets:
         raise ValueError(f"{path}: unknown {kind} preset {name!r} (presets: {', '.join(presets)})")
-    load_presets(cls, path)  # every preset of the file is valid, not only this one
+    # every preset of the file is valid, not only this one
+    for other, values in presets.items():
+        dataclass_from_mapping(cls, values, f"{path}: preset {other!r}")
     values = {**(base or {}), **presets[name]}
     return dataclass_from_mapping(cls, values, f"{path}: preset {name!r}")
 
